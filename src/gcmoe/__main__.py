@@ -1,0 +1,3 @@
+from gcmoe.cli import main
+
+main()

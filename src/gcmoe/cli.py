@@ -1,0 +1,190 @@
+"""The ``gcmoe`` command line. Each command parses, calls one library function, and reports.
+
+Heavy libraries (torch, scanpy) are imported inside the commands so ``gcmoe --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gcmoe.errors import GcmoeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Predict single-cell gene expression from H&E slides (GC-MoE and baselines).",
+)
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, show_time=False)],
+        force=True,
+    )
+    for noisy in ("numba", "h5py", "matplotlib", "PIL", "fsspec", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _print_table(results: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for name, d in results["datasets"].items():
+        table = Table(title=f"{name}: mean per-gene PCC over {d['n_genes_eval']} genes ({d['n_cells']} cells, "
+                      f"{len(d['fold_names'])} folds)")
+        table.add_column("Method")
+        table.add_column("PCC (mean ± std)", justify="center")
+        for model, entry in d["models"].items():
+            table.add_row(model, f"{entry['mean']:.3f} ± {entry['std']:.3f}")
+        if d.get("ceiling") is not None:
+            table.add_row("[italic]ceiling[/italic]", f"{d['ceiling']:.3f} ± {d['ceiling_std']:.3f}")
+        console.print(table)
+    console.print(f"Results written to [bold]{out}[/bold] (results.md, results.json, per_gene.csv, config.yaml, log.txt)")
+
+
+def _fail(exc: GcmoeError) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("gcmoe_demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="A tiny tissue and short training (well under a minute).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """The whole pipeline on the embedded virtual tissue: simulate, extract features, cross-validate, report."""
+    _setup_logging(verbose)
+    from gcmoe.pipeline import demo_config, run_cv
+
+    try:
+        results = run_cv(demo_config(out, quick=quick))
+    except GcmoeError as exc:
+        _fail(exc)
+    _print_table(results, out)
+
+
+@app.command()
+def cv(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML settings file (see docs/configuration.md).")] = None,
+    data: Annotated[Optional[list[Path]], typer.Option("--data", help="A Sample .h5ad written by gcmoe; repeat for several slides.")] = None,
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated model names, e.g. stnet.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (overrides the file's).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Cross-validated comparison of models on a virtual tissue or on Samples; writes results.md/json."""
+    _setup_logging(verbose)
+    from gcmoe.config import RunConfig, load_config
+    from gcmoe.pipeline import run_cv
+
+    try:
+        run_config = load_config(config) if config else RunConfig()
+        if data:
+            run_config.data.source = "samples"
+            run_config.data.samples = [str(p) for p in data]
+        if models:
+            run_config.models = [m.strip() for m in models.split(",") if m.strip()]
+        if out:
+            run_config.out = str(out)
+        results = run_cv(run_config)
+    except GcmoeError as exc:
+        _fail(exc)
+    _print_table(results, Path(run_config.out))
+
+
+@app.command()
+def simulate(
+    out: Annotated[Path, typer.Option(help="Output folder for <sample_id>.h5ad + .tif and reference.h5ad.")] = Path("virtual_tissue"),
+    seed: Annotated[int, typer.Option()] = 0,
+    n_cells: Annotated[int, typer.Option()] = 10_000,
+    height: Annotated[int, typer.Option(help="Image height, pixels.")] = 2_400,
+    width: Annotated[int, typer.Option(help="Image width, pixels.")] = 2_400,
+    mpp: Annotated[float, typer.Option(help="Micrometres per pixel.")] = 0.5,
+    n_cell_types: Annotated[int, typer.Option()] = 4,
+    n_genes: Annotated[int, typer.Option()] = 150,
+    noise: Annotated[float, typer.Option(help="Scale of biological over-dispersion (1 = calibrated).")] = 1.0,
+    dropout: Annotated[float, typer.Option(help="Scale of technical dropout (1 = calibrated).")] = 1.0,
+    morphology_contrast: Annotated[float, typer.Option(help="How far cell types differ in the image.")] = 1.0,
+    sample_id: Annotated[str, typer.Option()] = "virtual_tissue",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Generate a virtual H&E tissue with single-cell expression, its reference scRNA-seq and ground truth."""
+    _setup_logging(verbose)
+    from gcmoe.config import TissueConfig
+    from gcmoe.data.virtual_tissue import simulate_tissue
+    from gcmoe.pipeline import _write_h5ad
+
+    try:
+        tissue = simulate_tissue(TissueConfig(
+            seed=seed, n_cells=n_cells, height=height, width=width, mpp=mpp, n_cell_types=n_cell_types,
+            n_genes=n_genes, noise=noise, dropout=dropout, morphology_contrast=morphology_contrast, sample_id=sample_id,
+        ))
+        path = tissue.sample.write(out / f"{sample_id}.h5ad")
+        _write_h5ad(tissue.reference, out / "reference.h5ad")
+    except GcmoeError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {path} (+ .tif image) and {out / 'reference.h5ad'}: {tissue.sample.n_cells} cells, "
+               f"{len(tissue.sample.genes)} genes")
+
+
+@app.command()
+def extract(
+    sample: Annotated[Path, typer.Argument(help="A Sample .h5ad written by gcmoe.")],
+    out: Annotated[Path, typer.Option(help="Where to write the features (.npy, float32, cells x dims).")] = Path("features.npy"),
+    encoder: Annotated[str, typer.Option(help="Encoder name (gcmoe list encoders).")] = "morphology",
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Tiles per encoder pass.")] = 4,
+    device: Annotated[str, typer.Option()] = "cpu",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Extract image features at every cell of a Sample (cached on disk)."""
+    _setup_logging(verbose)
+    import numpy as np
+
+    from gcmoe.data.sample import Sample
+    from gcmoe.features import extract_features
+
+    try:
+        feats = extract_features(Sample.read(sample), encoder, cache_dir=cache_dir, batch_size=batch_size, device=device)
+    except GcmoeError as exc:
+        _fail(exc)
+    tmp = out.with_name(f".{out.name}.tmp.npy")
+    np.save(tmp, feats)
+    tmp.replace(out)
+    typer.echo(f"wrote {out}: {feats.shape[0]} cells x {feats.shape[1]} features")
+
+
+@app.command("list")
+def list_names(what: Annotated[str, typer.Argument(help="'models' or 'encoders'.")] = "models") -> None:
+    """List registered models or encoders."""
+    if what == "models":
+        from gcmoe.models import get_model_entry, list_models
+
+        for name in list_models():
+            e = get_model_entry(name)
+            typer.echo(f"{name:12s} {e.display_name:12s} {e.description}")
+    elif what == "encoders":
+        from gcmoe.features import list_encoders
+
+        for name in list_encoders():
+            typer.echo(name)
+    else:
+        typer.secho("choose 'models' or 'encoders'", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

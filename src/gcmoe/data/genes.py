@@ -1,0 +1,71 @@
+"""Regression targets and the evaluated genes.
+
+Target of a cell: log1p of its raw counts by default; with ``normalize_total`` set, counts are first scaled
+to that library size (scanpy's normalize_total), then log1p. The evaluated genes are the top highly variable
+genes (scanpy ``highly_variable_genes``) of the training cells of each fold, unless a list is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from gcmoe.config import TargetConfig
+from gcmoe.errors import ConfigError, InvalidSampleError
+
+log = logging.getLogger(__name__)
+
+
+def compute_targets(counts: np.ndarray | sp.spmatrix, config: TargetConfig) -> np.ndarray:
+    """Targets for every cell and gene of ``counts`` (cells x genes), float32."""
+    x = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
+    x = x.astype(np.float64, copy=False)
+    if config.normalize_total is not None:
+        if config.normalize_total <= 0:
+            raise ConfigError(f"targets.normalize_total must be > 0 or null, got {config.normalize_total}")
+        total = x.sum(axis=1, keepdims=True)
+        x = np.divide(x * config.normalize_total, total, out=np.zeros_like(x), where=total > 0)
+    if config.transform == "log1p":
+        x = np.log1p(x)
+    elif config.transform != "none":
+        raise ConfigError(f"targets.transform must be 'log1p' or 'none', got {config.transform!r}")
+    return x.astype(np.float32)
+
+
+def select_genes(
+    counts: np.ndarray | sp.spmatrix, genes: Sequence[str], cells: np.ndarray, config: TargetConfig
+) -> list[str]:
+    """The evaluated genes: ``config.genes`` when given (all must exist), else the top HVGs of ``cells``."""
+    import anndata
+    import scanpy as sc
+
+    genes = [str(g) for g in genes]
+    if config.genes is not None:
+        missing = [g for g in config.genes if g not in set(genes)]
+        if missing:
+            raise InvalidSampleError(
+                f"targets.genes names {len(missing)} gene(s) absent from the data, e.g. {missing[:10]}; "
+                f"the data hold {len(genes)} genes, e.g. {genes[:10]}"
+            )
+        return list(config.genes)
+    if config.n_top_genes >= len(genes):
+        warnings.warn(
+            f"n_top_genes={config.n_top_genes} >= the {len(genes)} genes in the data: evaluating all of them",
+            stacklevel=2,
+        )
+        return genes
+    sub = counts[cells]
+    ad = anndata.AnnData(X=sp.csr_matrix(compute_targets(sub, TargetConfig(transform="log1p", normalize_total=config.normalize_total))))
+    ad.var_names = genes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.pp.highly_variable_genes(ad, n_top_genes=config.n_top_genes, flavor=config.hvg_flavor)
+    hv = ad.var["highly_variable"].to_numpy()
+    disp = ad.var["dispersions_norm"].fillna(-np.inf).to_numpy()
+    chosen = [genes[i] for i in np.argsort(-disp, kind="stable") if hv[i]][: config.n_top_genes]
+    log.debug("selected %d highly variable genes from %d cells", len(chosen), len(cells))
+    return chosen

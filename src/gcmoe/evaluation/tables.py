@@ -1,0 +1,100 @@
+"""Result tables in the layout of the paper's Table 1: one row per method, one column per dataset.
+
+Cells read ``mean ± std`` of the per-fold mean PCC; the best method of each dataset is in bold (the
+ceiling row is a bound, not a method, and is never bolded); with several datasets an Average column is added.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+CEILING = "ceiling"
+
+
+def _fmt(mean: float | None, std: float | None, bold: bool = False) -> str:
+    if mean is None or not np.isfinite(mean):
+        return "n/a"
+    text = f"{mean:.3f} ± {std:.3f}" if std is not None and np.isfinite(std) else f"{mean:.3f}"
+    return f"**{text}**" if bold else text
+
+
+def method_table(results: dict[str, Any]) -> str:
+    """Markdown Table 1 from a results.json mapping (``{"datasets": {name: {...}}}``)."""
+    datasets = results["datasets"]
+    names = list(datasets)
+    methods: list[str] = []
+    for d in datasets.values():
+        for m in d["models"]:
+            if m not in methods:
+                methods.append(m)
+    best = {}
+    for name in names:
+        scores = {m: datasets[name]["models"][m]["mean"] for m in datasets[name]["models"]}
+        finite = {m: s for m, s in scores.items() if s is not None and np.isfinite(s)}
+        best[name] = max(finite, key=finite.get) if finite else None
+    averages = {}
+    if len(names) > 1:
+        for m in methods:
+            vals = [datasets[n]["models"].get(m, {}).get("mean") for n in names]
+            averages[m] = float(np.mean(vals)) if all(v is not None and np.isfinite(v) for v in vals) else None
+        finite_avg = {m: v for m, v in averages.items() if v is not None}
+        best_avg = max(finite_avg, key=finite_avg.get) if finite_avg else None
+    header = ["Method", *names] + (["Average"] if len(names) > 1 else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":---:"] * (len(header) - 1)) + "|"]
+    for m in methods:
+        row = [m]
+        for n in names:
+            entry = datasets[n]["models"].get(m)
+            row.append(_fmt(entry["mean"], entry["std"], bold=(m == best[n])) if entry else "–")
+        if len(names) > 1:
+            row.append(_fmt(averages[m], None, bold=(m == best_avg)))
+        lines.append("| " + " | ".join(row) + " |")
+    ceilings = [datasets[n].get(CEILING) for n in names]
+    if any(c is not None for c in ceilings):
+        row = [f"*{CEILING}*"] + [_fmt(c, datasets[n].get("ceiling_std")) for c, n in zip(ceilings, names)]
+        if len(names) > 1:
+            row.append(_fmt(float(np.mean(ceilings)), None) if all(c is not None for c in ceilings) else "n/a")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def fold_table(name: str, dataset: dict[str, Any]) -> str:
+    """Markdown table of per-fold mean PCC for one dataset (methods in rows, folds in columns)."""
+    folds = dataset.get("fold_names") or [f"fold {i + 1}" for i in range(len(next(iter(dataset["models"].values()))["folds"]))]
+    lines = ["| Method | " + " | ".join(folds) + " |", "|---|" + "|".join([":---:"] * len(folds)) + "|"]
+    for m, entry in dataset["models"].items():
+        lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in entry["folds"]) + " |")
+    if dataset.get("ceiling_folds"):
+        lines.append(f"| *{CEILING}* | " + " | ".join(f"{v:.3f}" for v in dataset["ceiling_folds"]) + " |")
+    return "\n".join(lines)
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """The whole results.md: Table 1, per-fold detail and notes on excluded genes."""
+    parts = [
+        "# Results",
+        "",
+        "Mean per-gene Pearson correlation (PCC) between predicted and measured expression over the evaluated "
+        "genes, on held-out cells; mean ± standard deviation over folds. *ceiling*: the same metric for the "
+        "noise-free expected expression of the virtual tissue, the physical limit for any model.",
+        "",
+        "## Table 1",
+        "",
+        method_table(results),
+    ]
+    for name, d in results["datasets"].items():
+        parts += [
+            "",
+            f"## {name}: per fold",
+            "",
+            f"{d['n_cells']} cells, {d['n_genes_eval']} evaluated genes per fold, scheme `{d.get('scheme', '?')}`.",
+            "",
+            fold_table(name, d),
+        ]
+        excluded = {m: e.get("excluded_genes") for m, e in d["models"].items() if e.get("excluded_genes")}
+        if excluded:
+            parts += ["", "Genes excluded (constant in a test fold):"]
+            parts += [f"- {m}: {', '.join(sorted(set(sum(v, []))))}" for m, v in excluded.items()]
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,39 @@
+"""What every cell-level model shares: input standardisation buffers and the output type.
+
+A model maps a batch of cell tensors to predicted targets. Auxiliary losses (routing, co-expression,
+contrastive, ...) come back beside the prediction in :class:`ModelOutput`, already multiplied by the
+weights the model was built with, so the trainer only sums them.
+
+Shapes: ``features`` (B, D) -> ``prediction`` (B, G).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class ModelOutput(NamedTuple):
+    prediction: Tensor  # (B, G)
+    losses: dict[str, Tensor]  # weighted auxiliary losses; empty for plain regressors
+
+
+class CellModel(nn.Module):
+    """Base class: holds the feature mean/std of the training cells as buffers (saved with the weights)."""
+
+    def __init__(self, in_dim: int, n_genes: int) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.n_genes = n_genes
+        self.register_buffer("feature_mean", torch.zeros(in_dim))
+        self.register_buffer("feature_std", torch.ones(in_dim))
+
+    def set_input_stats(self, mean: Tensor, std: Tensor) -> None:
+        """Standardise inputs with these statistics (computed on training cells only)."""
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(torch.clamp(std, min=1e-6))
+
+    def standardize(self, features: Tensor) -> Tensor:
+        return (features - self.feature_mean) / self.feature_std

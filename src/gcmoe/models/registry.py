@@ -1,0 +1,61 @@
+"""Models by name (timm's pattern): ``register_model``, ``create_model``, ``list_models``.
+
+Each name carries the display name used in result tables (the paper's names, e.g. "ST-Net*").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gcmoe.errors import UnknownNameError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    display_name: str
+    factory: Callable[..., Any]
+    description: str
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, display_name: str, description: str = "") -> Callable:
+    """Decorator: register ``factory(in_dim, n_genes, **params) -> CellModel`` under ``name``."""
+
+    def wrap(factory: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = ModelEntry(name, display_name, factory, description or (factory.__doc__ or "").strip())
+        return factory
+
+    return wrap
+
+
+def _load_builtin() -> None:
+    from gcmoe.models import stnet  # noqa: F401  (registers on import)
+
+
+def list_models() -> list[str]:
+    """Names of all registered models."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise UnknownNameError(f"unknown model {name!r}; available models: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, in_dim: int, n_genes: int, **params: Any):
+    """Build a registered model for ``in_dim`` features and ``n_genes`` targets."""
+    entry = get_model_entry(name)
+    try:
+        return entry.factory(in_dim=in_dim, n_genes=n_genes, **params)
+    except TypeError as exc:
+        raise UnknownNameError(f"model {name!r}: bad parameters {sorted(params)} ({exc})") from exc

@@ -1,0 +1,272 @@
+"""The whole job: data -> cell features -> folds -> train every model -> score -> tables.
+
+``run_cv`` is what ``gcmoe cv`` and ``gcmoe demo`` call. A run folder holds:
+
+- ``results.json``: ``{"datasets": {NAME: {"ceiling", "n_cells", "n_genes_eval", "models": {MODEL: {"folds",
+  "mean", "std", ...}}, ...}}, ...}`` (the schema is documented in docs/results.md);
+- ``results.md``: Table 1 and per-fold detail; ``per_gene.csv``: PCC per gene, model and fold;
+- ``config.yaml``: the resolved settings; ``log.txt``: the run's log;
+- ``data/``: the virtual tissue and its reference, when the data were generated; ``cache/``: cell features.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from gcmoe import __version__
+from gcmoe._constants import Key
+from gcmoe.config import RunConfig, TargetConfig, TissueConfig, save_config, to_dict
+from gcmoe.data.sample import Sample
+from gcmoe.errors import ConfigError, InvalidSampleError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PooledCells:
+    """The cells of all samples of a run, in one index space."""
+
+    name: str
+    samples: list[Sample]
+    genes: list[str]
+    counts: sp.csr_matrix  # cells x genes (shared genes)
+    features: np.ndarray  # cells x D, float32
+    xy: np.ndarray  # cells x 2, H&E pixels of each cell's own slide
+    sample_ids: np.ndarray  # cells, str
+    cell_type: np.ndarray | None  # cells, str, when every sample has it
+    expected: np.ndarray | None  # E[target | truth], cells x genes, when every sample has a truth (virtual tissue)
+
+
+def load_samples(config: RunConfig, out: Path) -> tuple[list[Sample], str]:
+    """The run's Samples: a generated virtual tissue (written under ``out/data``) or .h5ad files."""
+    if config.data.source == "virtual":
+        from gcmoe.data.virtual_tissue import simulate_tissue
+
+        t0 = time.perf_counter()
+        tissue = simulate_tissue(config.data.tissue)
+        log.info(
+            "virtual tissue: %d cells, %d genes, %dx%d px (%.1f s)",
+            tissue.sample.n_cells, len(tissue.sample.genes), *tissue.sample.image.shape[::-1], time.perf_counter() - t0,
+        )
+        data_dir = out / "data"
+        tissue.sample.write(data_dir / f"{tissue.sample.sample_id}.h5ad")
+        _write_h5ad(tissue.reference, data_dir / "reference.h5ad")
+        return [tissue.sample], config.data.name or tissue.sample.sample_id
+    if not config.data.samples:
+        raise ConfigError("data.source is 'samples' but data.samples lists no .h5ad file")
+    samples = [Sample.read(p) for p in config.data.samples]
+    ids = [s.sample_id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise InvalidSampleError(f"sample ids must be unique across the run, got {ids}")
+    return samples, config.data.name or "+".join(ids)
+
+
+def _write_h5ad(adata, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    adata.write_h5ad(tmp)
+    os.replace(tmp, path)
+
+
+def pool_cells(samples: list[Sample], name: str, features: list[np.ndarray], targets: TargetConfig) -> PooledCells:
+    """Concatenate samples over their shared genes; carry cell types and the truth when all samples have them."""
+    genes = [g for g in samples[0].genes if all(g in set(s.genes) for s in samples[1:])]
+    if not genes:
+        raise InvalidSampleError(f"the samples {[s.sample_id for s in samples]} share no gene; check the gene panels")
+    dropped = {s.sample_id: len(s.genes) - len(genes) for s in samples if len(s.genes) != len(genes)}
+    if dropped:
+        log.warning("genes not measured in every sample are left out: %s", dropped)
+    counts = sp.vstack([sp.csr_matrix(s.adata[:, genes].layers[Key.COUNTS]) for s in samples]).tocsr()
+    counts = counts.astype(np.float32)
+    has_types = all(Key.CELL_TYPE in s.adata.obs for s in samples)
+    cell_type = np.concatenate([s.adata.obs[Key.CELL_TYPE].astype(str).to_numpy() for s in samples]) if has_types else None
+    expected = None
+    if all(Key.TRUTH_MEAN in s.adata.layers for s in samples):
+        from gcmoe.data.virtual_tissue import expected_target
+
+        expected = np.concatenate(
+            [expected_target(s.adata[:, genes], targets.transform, targets.normalize_total) for s in samples]
+        ).astype(np.float32)
+    return PooledCells(
+        name=name,
+        samples=samples,
+        genes=genes,
+        counts=counts,
+        features=np.concatenate(features).astype(np.float32),
+        xy=np.concatenate([s.spatial for s in samples]),
+        sample_ids=np.concatenate([np.full(s.n_cells, s.sample_id) for s in samples]),
+        cell_type=cell_type,
+        expected=expected,
+    )
+
+
+def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
+    """Run the cross-validated comparison described by ``config``; write and return the results mapping."""
+    import torch
+
+    from gcmoe.data.genes import compute_targets, select_genes
+    from gcmoe.data.splits import make_folds
+    from gcmoe.evaluation.metrics import score_genes, summarize_folds
+    from gcmoe.features import extract_features
+    from gcmoe.models import create_model, get_model_entry
+    from gcmoe.training.trainer import CellData, fit, predict
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = _attach_log_file(out / "log.txt")
+    try:
+        entries = [get_model_entry(m) for m in config.models]  # fail early on an unknown name
+        save_config(config, out / "config.yaml")
+        started = time.perf_counter()
+        samples, name = load_samples(config, out)
+        cache_dir = Path(config.features.cache_dir) if config.features.cache_dir else out / "cache"
+        t0 = time.perf_counter()
+        features = [
+            extract_features(
+                s,
+                config.features.encoder,
+                cache_dir=cache_dir,
+                batch_size=config.features.batch_size,
+                device=config.features.device,
+                progress=progress,
+                tile_size=config.features.tile_size,
+            )
+            for s in samples
+        ]
+        feature_seconds = time.perf_counter() - t0
+        pooled = pool_cells(samples, name, features, config.targets)
+        log.info("features: %d cells x %d dims in %.1f s", *pooled.features.shape, feature_seconds)
+        folds = make_folds(
+            pooled.sample_ids, pooled.xy, config.cv.scheme, config.cv.n_folds, config.train.val_fraction, config.train.seed
+        )
+        targets_all = compute_targets(pooled.counts, config.targets)
+        feats_t = torch.from_numpy(pooled.features)
+        per_model: dict[str, dict[str, Any]] = {e.display_name: _empty_entry() for e in entries}
+        ceiling_folds: list[float] = []
+        per_gene_rows: list[dict[str, Any]] = []
+        n_genes_eval = []
+        for k, fold in enumerate(folds):
+            genes = select_genes(pooled.counts, pooled.genes, fold.train, config.targets)
+            n_genes_eval.append(len(genes))
+            cols = np.array([pooled.genes.index(g) for g in genes])
+            data = CellData(feats_t, torch.from_numpy(np.ascontiguousarray(targets_all[:, cols])))
+            true_test = targets_all[np.ix_(fold.test, cols)]
+            if pooled.expected is not None:
+                cs = score_genes(pooled.expected[np.ix_(fold.test, cols)], true_test, genes)
+                ceiling_folds.append(cs.mean)
+                per_gene_rows += _gene_rows("ceiling", fold.name, cs)
+            for entry in entries:
+                model = create_model(entry.name, pooled.features.shape[1], len(genes), **config.model_params.get(entry.name, {}))
+                train_cfg = replace(config.train, seed=config.train.seed + k)
+                res = fit(model, data, fold.train, fold.val, train_cfg, progress=progress,
+                          description=f"{entry.display_name} {fold.name} ({k + 1}/{len(folds)})")
+                scores = score_genes(predict(model, data, fold.test), true_test, genes)
+                rec = per_model[entry.display_name]
+                rec["folds"].append(scores.mean)
+                rec["best_epochs"].append(res.best_epoch)
+                rec["seconds"].append(round(res.seconds, 3))
+                rec["train_cells_per_s"].append(round(res.train_cells_per_s, 1))
+                rec["excluded_genes"].append(scores.excluded)
+                per_gene_rows += _gene_rows(entry.display_name, fold.name, scores)
+                log.info("%s %s: mean PCC %.4f over %d genes", entry.display_name, fold.name, scores.mean,
+                         len(genes) - len(scores.excluded))
+        for rec in per_model.values():
+            rec["mean"], rec["std"] = summarize_folds(rec["folds"])
+        ceiling, ceiling_std = summarize_folds(ceiling_folds) if ceiling_folds else (None, None)
+        results = {
+            "datasets": {
+                name: {
+                    "ceiling": ceiling,
+                    "ceiling_std": ceiling_std,
+                    "ceiling_folds": ceiling_folds or None,
+                    "n_cells": int(len(pooled.sample_ids)),
+                    "n_genes_eval": int(max(n_genes_eval)),
+                    "scheme": "strips" if folds[0].name.startswith("strip") else "leave_one_slide_out",
+                    "fold_names": [f.name for f in folds],
+                    "encoder": config.features.encoder,
+                    "feature_dim": int(pooled.features.shape[1]),
+                    "models": per_model,
+                }
+            },
+            "gcmoe_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": {"features": round(feature_seconds, 2), "total": round(time.perf_counter() - started, 2)},
+        }
+        write_results(results, per_gene_rows, out)
+        return results
+    finally:
+        logging.getLogger("gcmoe").removeHandler(handler)
+        handler.close()
+
+
+def _empty_entry() -> dict[str, Any]:
+    return {"folds": [], "mean": None, "std": None, "best_epochs": [], "seconds": [], "train_cells_per_s": [],
+            "excluded_genes": []}
+
+
+def _gene_rows(model: str, fold: str, scores) -> list[dict[str, Any]]:
+    return [{"model": model, "fold": fold, "gene": g, "pcc": (None if np.isnan(r) else float(r))}
+            for g, r in zip(scores.genes, scores.pcc)]
+
+
+def write_results(results: dict[str, Any], per_gene_rows: list[dict[str, Any]], out: Path) -> None:
+    """Write results.json, results.md and per_gene.csv atomically into ``out``."""
+    import pandas as pd
+
+    from gcmoe.evaluation.tables import results_markdown
+
+    def atomic(path: Path, text: str) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    atomic(out / "results.json", json.dumps(_jsonable(results), indent=2))
+    atomic(out / "results.md", results_markdown(results))
+    atomic(out / "per_gene.csv", pd.DataFrame(per_gene_rows).to_csv(index=False))
+
+
+def _jsonable(obj: Any) -> Any:
+    """NaN -> null, numpy scalars -> Python, recursively (results.json stays valid JSON)."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _attach_log_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, mode="a")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("gcmoe")
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    return handler
+
+
+def demo_config(out: str | os.PathLike = "gcmoe_demo", quick: bool = False) -> RunConfig:
+    """Settings of ``gcmoe demo``: the default virtual tissue (or a tiny one with ``quick``), ST-Net*, 5 strips."""
+    config = RunConfig(out=str(out))
+    if quick:
+        config.data.tissue = TissueConfig(n_cells=1_200, height=800, width=800, n_genes=80, n_reference_cells=500)
+        config.train.max_epochs = 60
+        config.train.patience = 10
+    else:
+        config.train.max_epochs = 400
+        config.train.patience = 30
+    return config

@@ -1,0 +1,179 @@
+"""The one trainer every model goes through: Adam, mini-batches of cells, early stopping, best-weights restore.
+
+Each epoch shuffles the training cells (seeded), steps Adam on L_exp (+ the model's weighted auxiliary
+losses), then scores the validation cells by mean per-gene PCC. Training stops after ``patience`` epochs
+without an improvement of at least ``min_delta``, and the weights of the best epoch are restored.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gcmoe.config import TrainConfig
+from gcmoe.evaluation.metrics import pearson_per_gene
+from gcmoe.models.base import CellModel
+from gcmoe.models.losses import expression_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CellData:
+    """Per-cell tensors of a run, indexed by cell: ``features`` (N, D), ``targets`` (N, G), and extras.
+
+    Extras (e.g. ``cell_type`` codes) are passed to the model as keyword arguments during training only.
+    """
+
+    features: Tensor
+    targets: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = self.features.shape[0]
+        if self.targets.shape[0] != n or any(v.shape[0] != n for v in self.extras.values()):
+            raise ValueError("features, targets and extras must have one row per cell")
+
+    def inputs(self, idx: Tensor, train: bool) -> dict[str, Tensor]:
+        batch = {"features": self.features.index_select(0, idx)}
+        if train:
+            batch.update({k: v.index_select(0, idx) for k, v in self.extras.items()})
+        return batch
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val_pcc: float
+    epochs_run: int
+    seconds: float
+    train_cells_per_s: float  # training cells processed per second of optimisation (excludes validation)
+    history: list[dict[str, float]]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and numpy; CPU runs are then repeatable."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+@torch.no_grad()
+def predict(model: CellModel, data: CellData, idx: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+    """Predictions for cells ``idx`` (float32, len(idx) x G), model in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    index = torch.as_tensor(idx, dtype=torch.long)
+    for start in range(0, len(index), batch_size):
+        batch = data.inputs(index[start : start + batch_size], train=False)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out.append(model(**batch).prediction.float().cpu())
+    model.train(was_training)
+    if not out:
+        return np.zeros((0, data.targets.shape[1]), dtype=np.float32)
+    return torch.cat(out).numpy()
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
+    """A seeded shuffle of range(n) in near-equal batches of about ``batch_size`` (none tiny)."""
+    perm = torch.randperm(n, generator=generator)
+    n_batches = max(1, round(n / batch_size))
+    return list(torch.tensor_split(perm, n_batches))
+
+
+def fit(
+    model: CellModel,
+    data: CellData,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    config: TrainConfig,
+    progress: bool = False,
+    description: str = "training",
+) -> FitResult:
+    """Train ``model`` in place on ``train_idx`` with early stopping on ``val_idx``; restore the best weights."""
+    if len(train_idx) < 2 or len(val_idx) < 2:
+        raise ValueError(f"need at least 2 training and 2 validation cells, got {len(train_idx)} and {len(val_idx)}")
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    seed_everything(config.seed)
+    device = torch.device(config.device)
+    model.to(device)
+    train_t = torch.as_tensor(np.asarray(train_idx), dtype=torch.long)
+    feats = data.features.index_select(0, train_t).float()
+    model.set_input_stats(feats.mean(0).to(device), feats.std(0).to(device))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    val_true = data.targets[torch.as_tensor(np.asarray(val_idx), dtype=torch.long)].numpy()
+
+    best_state: Mapping[str, Tensor] = copy.deepcopy(model.state_dict())
+    best_pcc, best_epoch, stale = -np.inf, 0, 0
+    history: list[dict[str, float]] = []
+    train_seconds = 0.0
+    start = time.perf_counter()
+    bar = _progress(progress, description, config.max_epochs)
+    epoch = 0
+    try:
+        for epoch in range(1, config.max_epochs + 1):
+            model.train()
+            t0 = time.perf_counter()
+            total, n_seen = 0.0, 0
+            for batch_pos in _batches(len(train_t), config.batch_size, generator):
+                idx = train_t[batch_pos]
+                batch = {k: v.to(device, non_blocking=True) for k, v in data.inputs(idx, train=True).items()}
+                target = data.targets.index_select(0, idx).to(device)
+                out = model(**batch)
+                loss = expression_loss(out.prediction, target, config.mse_weight)
+                for aux in out.losses.values():
+                    loss = loss + aux
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(idx)
+                n_seen += len(idx)
+            train_seconds += time.perf_counter() - t0
+            r = pearson_per_gene(predict(model, data, val_idx), val_true)
+            val_pcc = float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
+            history.append({"epoch": epoch, "train_loss": total / max(n_seen, 1), "val_pcc": val_pcc})
+            if np.isfinite(val_pcc) and val_pcc > best_pcc + config.min_delta:
+                best_pcc, best_epoch, stale = val_pcc, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+            if bar is not None:
+                bar[0].update(bar[1], advance=1, description=f"{description} val PCC {val_pcc:.3f}")
+            if stale >= config.patience:
+                break
+    finally:
+        if bar is not None:
+            bar[0].stop()
+    model.load_state_dict(best_state)
+    seconds = time.perf_counter() - start
+    log.info("%s: best epoch %d (val PCC %.4f) of %d, %.1f s", description, best_epoch, best_pcc, epoch, seconds)
+    return FitResult(
+        best_epoch=best_epoch,
+        best_val_pcc=float(best_pcc),
+        epochs_run=epoch,
+        seconds=seconds,
+        train_cells_per_s=len(train_t) * epoch / max(train_seconds, 1e-9),
+        history=history,
+    )
+
+
+def _progress(enabled: bool, description: str, total: int):
+    """A transient rich progress bar over epochs, or None."""
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
+    task = bar.add_task(description, total=total)
+    bar.start()
+    return bar, task
