@@ -119,7 +119,7 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     from gcmoe.evaluation.metrics import score_genes, summarize_folds
     from gcmoe.features import extract_features
     from gcmoe.models import create_model, get_model_entry
-    from gcmoe.training.trainer import CellData, fit, predict
+    from gcmoe.training.trainer import CellData, fit, predict, seed_everything
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,6 +166,7 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
                 ceiling_folds.append(cs.mean)
                 per_gene_rows += _gene_rows("ceiling", fold.name, cs)
             for entry in entries:
+                seed_everything(config.train.seed + k)
                 model = create_model(entry.name, pooled.features.shape[1], len(genes), **config.model_params.get(entry.name, {}))
                 train_cfg = replace(config.train, seed=config.train.seed + k)
                 res = fit(model, data, fold.train, fold.val, train_cfg, progress=progress,

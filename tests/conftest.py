@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny data built in the real layouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gcmoe.data.sample import Sample
+
+
+@pytest.fixture
+def tiny_sample() -> Sample:
+    """40 cells on a 120 x 200 px pink image, 6 genes, two cell types."""
+    rng = np.random.default_rng(0)
+    image = np.zeros((120, 200, 3), dtype=np.uint8)
+    image[:] = (235, 180, 210)
+    xy = np.column_stack([rng.uniform(5, 195, 40), rng.uniform(5, 115, 40)])
+    counts = rng.poisson(2.0, size=(40, 6))
+    return Sample.from_arrays(
+        counts, xy, image, mpp=0.5, genes=[f"g{i}" for i in range(6)], sample_id="tiny",
+        cell_type=np.where(np.arange(40) % 2 == 0, "neoplastic", "connective"),
+    )

@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+
+from gcmoe.config import TargetConfig
+from gcmoe.data.genes import compute_targets, select_genes
+from gcmoe.errors import InvalidSampleError
+
+
+def test_log1p_and_normalisation():
+    counts = np.array([[1, 3], [0, 0], [2, 2]])
+    np.testing.assert_allclose(compute_targets(counts, TargetConfig()), np.log1p(counts), rtol=1e-6)
+    norm = compute_targets(counts, TargetConfig(normalize_total=100))
+    np.testing.assert_allclose(norm[0], np.log1p([25, 75]), rtol=1e-6)
+    np.testing.assert_array_equal(norm[1], [0, 0])  # empty cell stays zero, no NaN
+    np.testing.assert_array_equal(compute_targets(counts, TargetConfig(transform="none")), counts)
+
+
+def test_hvg_picks_variable_genes_from_training_cells():
+    rng = np.random.default_rng(0)
+    n = 400
+    flat = rng.poisson(np.exp(rng.uniform(np.log(0.5), np.log(30), size=200)), size=(n, 200))
+    high = np.array([1.0, 3.0, 6.0, 12.0, 25.0])
+    variable = rng.poisson(np.where(rng.random((n, 5)) < 0.5, 0.05 * high, 2 * high))
+    counts = np.hstack([flat, variable])
+    genes = [f"flat{i}" for i in range(200)] + [f"var{i}" for i in range(5)]
+    chosen = select_genes(counts, genes, np.arange(n), TargetConfig(n_top_genes=5))
+    assert sorted(chosen) == sorted(genes[200:])
+    # only the given cells count: on cells where the "variable" genes are flat they are not chosen first
+    calm = np.flatnonzero((variable > 5).all(axis=1))
+    if len(calm) > 20:
+        assert sorted(select_genes(counts, genes, calm, TargetConfig(n_top_genes=5))) != sorted(genes[200:])
+
+
+def test_explicit_genes_must_exist():
+    with pytest.raises(InvalidSampleError, match="absent from the data"):
+        select_genes(np.ones((3, 2)), ["a", "b"], np.arange(3), TargetConfig(genes=["a", "zz"]))
+    assert select_genes(np.ones((3, 2)), ["a", "b"], np.arange(3), TargetConfig(genes=["b"])) == ["b"]
