@@ -18,25 +18,32 @@ class ModelEntry:
     display_name: str
     factory: Callable[..., Any]
     description: str
+    # What the run must supply beyond cell features: "neighbours" (C2CA windows), "cell_types" (routing
+    # labels and K), "coexpression" (CAP graphs from the reference). The pipeline reads this.
+    needs: frozenset[str] = frozenset()
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, display_name: str, description: str = "") -> Callable:
+def register_model(
+    name: str, display_name: str, description: str = "", needs: frozenset[str] | set[str] = frozenset()
+) -> Callable:
     """Decorator: register ``factory(in_dim, n_genes, **params) -> CellModel`` under ``name``."""
 
     def wrap(factory: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = ModelEntry(name, display_name, factory, description or (factory.__doc__ or "").strip())
+        _REGISTRY[name] = ModelEntry(
+            name, display_name, factory, description or (factory.__doc__ or "").strip(), frozenset(needs)
+        )
         return factory
 
     return wrap
 
 
 def _load_builtin() -> None:
-    from gcmoe.models import stnet  # noqa: F401  (registers on import)
+    from gcmoe.models import gcmoe, stnet  # noqa: F401  (register on import)
 
 
 def list_models() -> list[str]:

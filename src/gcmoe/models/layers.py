@@ -1,0 +1,130 @@
+"""Building blocks of GC-MoE, batched over K experts (one batched matmul per step, no loop over experts).
+
+Notation: B cells in a batch, M neighbour slots, D feature dim, K experts, G genes, d attention width,
+P offset-encoding width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def normalized_adjacency(adjacency: Tensor) -> Tensor:
+    """Symmetric GCN normalisation D^-1/2 (A + I) D^-1/2 of a (..., G, G) adjacency (any leading dims)."""
+    g = adjacency.shape[-1]
+    a = adjacency.float() + torch.eye(g, dtype=torch.float32, device=adjacency.device)
+    deg = a.sum(dim=-1)
+    inv_sqrt = deg.clamp(min=1e-12).rsqrt()
+    return inv_sqrt.unsqueeze(-1) * a * inv_sqrt.unsqueeze(-2)
+
+
+def offset_encoding(offsets: Tensor, n_freq: int = 4) -> Tensor:
+    """Fixed Fourier encoding of relative offsets already scaled to about [-1, 1].
+
+    Shapes: (..., 2) -> (..., P) with P = 3 + 4 * n_freq: the offset, its length, and sin/cos at
+    frequencies pi * 2^f for each axis.
+    """
+    length = offsets.norm(dim=-1, keepdim=True)
+    freqs = math.pi * (2.0 ** torch.arange(n_freq, dtype=offsets.dtype, device=offsets.device))
+    angles = (offsets.unsqueeze(-1) * freqs).flatten(-2)  # (..., 2 * n_freq)
+    return torch.cat([offsets, length, angles.sin(), angles.cos()], dim=-1)
+
+
+def offset_encoding_dim(n_freq: int = 4) -> int:
+    return 3 + 4 * n_freq
+
+
+class ExpertLinear(nn.Module):
+    """K independent linear maps applied to the same or per-expert inputs. Shapes: (B, [K,] I) -> (B, K, O)."""
+
+    def __init__(self, n_experts: int, in_dim: int, out_dim: int, bias: bool = True) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)
+        self.weight = nn.Parameter(torch.empty(n_experts, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n_experts, out_dim).uniform_(-bound, bound)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            out = torch.einsum("bi,kio->bko", x, self.weight)
+        else:
+            out = torch.einsum("bki,kio->bko", x, self.weight)
+        return out + self.bias if self.bias is not None else out
+
+
+class ExpertFFN(nn.Module):
+    """Per-expert LayerNorm -> Linear -> GELU -> Linear. Shapes: (B, K, D) -> (B, K, O)."""
+
+    def __init__(self, n_experts: int, in_dim: int, hidden: int, out_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.gamma = nn.Parameter(torch.ones(n_experts, in_dim))
+        self.beta = nn.Parameter(torch.zeros(n_experts, in_dim))
+        self.fc1 = ExpertLinear(n_experts, in_dim, hidden)
+        self.fc2 = ExpertLinear(n_experts, hidden, out_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.layer_norm(x, (self.in_dim,)) * self.gamma + self.beta
+        return self.fc2(self.dropout(F.gelu(self.fc1(x))))
+
+
+class ExpertCrossAttention(nn.Module):
+    """C2CA for K experts: the cell attends to its neighbours, keys/values carry a learned offset encoding.
+
+    For expert k, cell i, neighbour j with encoded offset phi_ij (P):
+        q_ik = Wq_k z_i,   s_ijk = q_ik . (Wk_k z_j + Uk_k phi_ij) / sqrt(d),   a_ijk = softmax_j(s_ijk) over valid j
+        attn_ik = Wo_k (Wv_k sum_j a_ijk z_j + Uv_k sum_j a_ijk phi_ij)
+    Because the key and value maps are linear, they are applied after the sum over neighbours (or folded
+    into the query), so the cost per cell is O(K (M D + D d)), not O(K M D d). A cell with no valid
+    neighbour gets attn = 0, so C2CA then reduces to the FFN of its own feature.
+
+    Shapes: z (B, D), neighbours (B, M, D), phi (B, M, P), mask (B, M) True = valid -> (B, K, D), and the
+    attention weights (B, K, M) (zero on padded slots).
+    """
+
+    def __init__(self, n_experts: int, dim: int, attn_dim: int, offset_dim: int) -> None:
+        super().__init__()
+        self.scale = 1.0 / math.sqrt(attn_dim)
+        self.query = ExpertLinear(n_experts, dim, attn_dim)
+        std_in, std_att = 1.0 / math.sqrt(dim), 1.0 / math.sqrt(attn_dim)
+        self.key = nn.Parameter(torch.randn(n_experts, dim, attn_dim) * std_in)
+        self.key_offset = nn.Parameter(torch.randn(n_experts, offset_dim, attn_dim) / math.sqrt(offset_dim))
+        self.value = nn.Parameter(torch.randn(n_experts, dim, attn_dim) * std_in)
+        self.value_offset = nn.Parameter(torch.randn(n_experts, offset_dim, attn_dim) / math.sqrt(offset_dim))
+        self.out = nn.Parameter(torch.randn(n_experts, attn_dim, dim) * std_att)
+
+    def forward(self, z: Tensor, neighbours: Tensor, phi: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        q = self.query(z) * self.scale  # (B, K, d)
+        q_feat = torch.einsum("bkd,kid->bki", q, self.key)  # (B, K, D): Wk^T q
+        q_off = torch.einsum("bkd,kpd->bkp", q, self.key_offset)  # (B, K, P)
+        scores = torch.einsum("bki,bmi->bkm", q_feat, neighbours) + torch.einsum("bkp,bmp->bkm", q_off, phi)
+        valid = mask.unsqueeze(1)  # (B, 1, M)
+        scores = scores.masked_fill(~valid, float("-inf"))
+        any_valid = valid.any(dim=-1, keepdim=True)  # (B, 1, 1)
+        weights = torch.softmax(scores.masked_fill(~any_valid, 0.0), dim=-1) * valid  # zero on padding
+        pooled_feat = torch.einsum("bkm,bmi->bki", weights, neighbours)  # (B, K, D)
+        pooled_off = torch.einsum("bkm,bmp->bkp", weights, phi)  # (B, K, P)
+        v = torch.einsum("bki,kid->bkd", pooled_feat, self.value) + torch.einsum("bkp,kpd->bkd", pooled_off, self.value_offset)
+        return torch.einsum("bkd,kdi->bki", v, self.out), weights
+
+
+class ExpertGCN(nn.Module):
+    """CAP: a 2-layer GCN per expert over its gene co-expression graph turns gene embeddings into
+    gene-wise prediction vectors:  W_k = Â_k relu(Â_k E_k Θ1_k) Θ2_k.
+
+    Shapes: adjacency (K, G, G) normalised, E (K, G, e) -> W (K, G, O).
+    """
+
+    def __init__(self, n_experts: int, n_genes: int, embed_dim: int, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Parameter(torch.randn(n_experts, n_genes, embed_dim) / math.sqrt(embed_dim))
+        self.theta1 = nn.Parameter(torch.randn(n_experts, embed_dim, hidden) / math.sqrt(embed_dim))
+        self.theta2 = nn.Parameter(torch.randn(n_experts, hidden, out_dim) / math.sqrt(hidden))
+
+    def forward(self, norm_adjacency: Tensor) -> Tensor:
+        h = torch.relu(torch.bmm(norm_adjacency, torch.bmm(self.embedding, self.theta1)))
+        return torch.bmm(norm_adjacency, torch.bmm(h, self.theta2))
