@@ -121,7 +121,7 @@ def simulate(
     _setup_logging(verbose)
     from gcmoe.config import TissueConfig
     from gcmoe.data.virtual_tissue import simulate_tissue
-    from gcmoe.pipeline import _write_h5ad
+    from gcmoe.pipeline import write_h5ad
 
     try:
         tissue = simulate_tissue(TissueConfig(
@@ -129,7 +129,7 @@ def simulate(
             n_genes=n_genes, noise=noise, dropout=dropout, morphology_contrast=morphology_contrast, sample_id=sample_id,
         ))
         path = tissue.sample.write(out / f"{sample_id}.h5ad")
-        _write_h5ad(tissue.reference, out / "reference.h5ad")
+        write_h5ad(tissue.reference, out / "reference.h5ad")
     except GcmoeError as exc:
         _fail(exc)
     typer.echo(f"wrote {path} (+ .tif image) and {out / 'reference.h5ad'}: {tissue.sample.n_cells} cells, "

@@ -93,7 +93,26 @@ class DataConfig:
     source: Literal["virtual", "samples"] = "virtual"
     tissue: TissueConfig = field(default_factory=TissueConfig)
     samples: list[str] = field(default_factory=list)  # .h5ad paths when source = "samples"
+    reference: str | None = None  # labelled reference scRNA-seq .h5ad (CAP priors, label transfer); virtual: generated
+    routing_labels: Literal["auto", "obs", "transfer"] = "auto"  # auto: obs["cell_type"] when every sample has it
     name: str | None = None  # dataset name in the tables; None = derived from the source
+
+
+@dataclass
+class NeighbourConfig:
+    """C2CA's neighbourhood: the cells in a square window around each cell."""
+
+    window_um: float = 64.0  # side S of the square window, micrometres
+    max_neighbours: int = 32  # M, nearest first
+
+
+@dataclass
+class PriorConfig:
+    """CAP's co-expression graphs from the reference (docs/gcmoe.md)."""
+
+    tau: float = 0.2  # edge where the Pearson correlation exceeds tau
+    type_key: str = "cell_type"  # the reference's cell-type column
+    mapping: dict[str, str] | None = None  # reference type -> routing type; None: the reference's own, or identity
 
 
 @dataclass
@@ -105,6 +124,8 @@ class RunConfig:
     targets: TargetConfig = field(default_factory=TargetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cv: CVConfig = field(default_factory=CVConfig)
+    neighbours: NeighbourConfig = field(default_factory=NeighbourConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
     models: list[str] = field(default_factory=lambda: ["stnet"])  # names from `gcmoe.models.list_models()`
     model_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per model name, passed to its factory
     out: str = "gcmoe_out"

@@ -4,9 +4,10 @@
 
 - ``results.json``: ``{"datasets": {NAME: {"ceiling", "n_cells", "n_genes_eval", "models": {MODEL: {"folds",
   "mean", "std", ...}}, ...}}, ...}`` (the schema is documented in docs/results.md);
-- ``results.md``: Table 1 and per-fold detail; ``per_gene.csv``: PCC per gene, model and fold;
+- ``results.md``: Table 1 (methods), Table 2 (GC-MoE ablations) and per-fold detail; ``per_gene.csv``;
 - ``config.yaml``: the resolved settings; ``log.txt``: the run's log;
-- ``data/``: the virtual tissue and its reference, when the data were generated; ``cache/``: cell features.
+- ``data/``: the virtual tissue and its reference, when the data were generated; ``cache/``: cell features
+  and neighbour indices.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import scipy.sparse as sp
 
 from gcmoe import __version__
 from gcmoe._constants import Key
-from gcmoe.config import RunConfig, TargetConfig, TissueConfig, save_config, to_dict
+from gcmoe.config import PAPER_CELL_TYPES, RunConfig, TargetConfig, TissueConfig, save_config
 from gcmoe.data.sample import Sample
 from gcmoe.errors import ConfigError, InvalidSampleError
 
@@ -42,13 +43,26 @@ class PooledCells:
     counts: sp.csr_matrix  # cells x genes (shared genes)
     features: np.ndarray  # cells x D, float32
     xy: np.ndarray  # cells x 2, H&E pixels of each cell's own slide
+    xy_um: np.ndarray  # cells x 2, micrometres of each cell's own slide
     sample_ids: np.ndarray  # cells, str
     cell_type: np.ndarray | None  # cells, str, when every sample has it
     expected: np.ndarray | None  # E[target | truth], cells x genes, when every sample has a truth (virtual tissue)
 
 
-def load_samples(config: RunConfig, out: Path) -> tuple[list[Sample], str]:
-    """The run's Samples: a generated virtual tissue (written under ``out/data``) or .h5ad files."""
+@dataclass
+class Routing:
+    """The routing types of a run and each cell's label (code into ``types``, -1 = unknown)."""
+
+    types: list[str]
+    codes: np.ndarray
+    source: str  # "obs" or "transfer"
+    report: dict[str, Any]
+
+
+def load_samples(config: RunConfig, out: Path):
+    """The run's Samples and reference: a generated virtual tissue (written under ``out/data``) or files."""
+    import anndata
+
     if config.data.source == "virtual":
         from gcmoe.data.virtual_tissue import simulate_tissue
 
@@ -60,18 +74,25 @@ def load_samples(config: RunConfig, out: Path) -> tuple[list[Sample], str]:
         )
         data_dir = out / "data"
         tissue.sample.write(data_dir / f"{tissue.sample.sample_id}.h5ad")
-        _write_h5ad(tissue.reference, data_dir / "reference.h5ad")
-        return [tissue.sample], config.data.name or tissue.sample.sample_id
+        write_h5ad(tissue.reference, data_dir / "reference.h5ad")
+        return [tissue.sample], tissue.reference, config.data.name or tissue.sample.sample_id
     if not config.data.samples:
         raise ConfigError("data.source is 'samples' but data.samples lists no .h5ad file")
     samples = [Sample.read(p) for p in config.data.samples]
     ids = [s.sample_id for s in samples]
     if len(set(ids)) != len(ids):
         raise InvalidSampleError(f"sample ids must be unique across the run, got {ids}")
-    return samples, config.data.name or "+".join(ids)
+    reference = None
+    if config.data.reference:
+        path = Path(config.data.reference)
+        if not path.is_file():
+            raise ConfigError(f"reference file not found: {path}")
+        reference = anndata.read_h5ad(path)
+    return samples, reference, config.data.name or "+".join(ids)
 
 
-def _write_h5ad(adata, path: Path) -> None:
+def write_h5ad(adata, path: Path) -> None:
+    """Write an AnnData atomically (temporary name, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     adata.write_h5ad(tmp)
@@ -104,10 +125,62 @@ def pool_cells(samples: list[Sample], name: str, features: list[np.ndarray], tar
         counts=counts,
         features=np.concatenate(features).astype(np.float32),
         xy=np.concatenate([s.spatial for s in samples]),
+        xy_um=np.concatenate([s.spatial * s.mpp for s in samples]),
         sample_ids=np.concatenate([np.full(s.n_cells, s.sample_id) for s in samples]),
         cell_type=cell_type,
         expected=expected,
     )
+
+
+def routing_labels(pooled: PooledCells, reference, config: RunConfig) -> Routing:
+    """Routing types and labels: ``obs["cell_type"]`` when present (and asked for), else transferred from the
+    reference. When both are available the transfer's agreement with the true labels is reported."""
+    from gcmoe.data.cell_types import label_agreement, transfer_labels
+
+    mode = config.data.routing_labels
+    if mode == "auto":
+        mode = "obs" if pooled.cell_type is not None else "transfer"
+    report: dict[str, Any] = {"source": mode}
+    mapping = _type_mapping(reference, config, pooled)
+    transferred = None
+    if reference is not None and mapping:
+        ann = transfer_labels(pooled.counts, pooled.genes, reference, mapping, config.prior.type_key)
+        transferred = ann.labels
+        if pooled.cell_type is not None:
+            report["transfer_agreement"] = label_agreement(transferred, pooled.cell_type)
+            log.info("label transfer from the reference agrees with the true cell types on %.1f%% of cells",
+                     100 * report["transfer_agreement"]["accuracy"])
+    if mode == "obs":
+        if pooled.cell_type is None:
+            raise InvalidSampleError(f"data.routing_labels is 'obs' but not every sample has obs['{Key.CELL_TYPE}']")
+        labels = pooled.cell_type
+    else:
+        if transferred is None:
+            raise ConfigError(
+                "routing labels must be transferred from a reference (the samples have no obs['cell_type']): "
+                "give data.reference (a labelled scRNA-seq .h5ad) and, if its type names differ from the routing "
+                "types, prior.mapping"
+            )
+        labels = transferred
+    present = list(dict.fromkeys(labels))
+    types = [t for t in PAPER_CELL_TYPES if t in present] + sorted(t for t in present if t not in PAPER_CELL_TYPES)
+    codes = np.array([types.index(t) for t in labels], dtype=np.int64)
+    report["types"] = types
+    report["cells_per_type"] = {t: int((codes == i).sum()) for i, t in enumerate(types)}
+    return Routing(types, codes, mode, report)
+
+
+def _type_mapping(reference, config: RunConfig, pooled: PooledCells) -> dict[str, str]:
+    if reference is None:
+        return {}
+    if config.prior.mapping is not None:
+        return dict(config.prior.mapping)
+    own = reference.uns.get("gcmoe", {}).get("type_mapping")
+    if own:
+        return {str(k): str(v) for k, v in dict(own).items()}
+    ref_types = set(reference.obs[config.prior.type_key].astype(str)) if config.prior.type_key in reference.obs else set()
+    targets = set(pooled.cell_type) if pooled.cell_type is not None else ref_types
+    return {t: t for t in ref_types if t in targets}
 
 
 def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
@@ -118,59 +191,88 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     from gcmoe.data.splits import make_folds
     from gcmoe.evaluation.metrics import score_genes, summarize_folds
     from gcmoe.features import extract_features
+    from gcmoe.features.neighbours import cached_window_neighbours
     from gcmoe.models import create_model, get_model_entry
-    from gcmoe.training.trainer import CellData, fit, predict, seed_everything
+    from gcmoe.training.trainer import CellData, collect, fit, predict, seed_everything
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     handler = _attach_log_file(out / "log.txt")
     try:
         entries = [get_model_entry(m) for m in config.models]  # fail early on an unknown name
+        needs = set().union(*(e.needs for e in entries)) if entries else set()
         save_config(config, out / "config.yaml")
         started = time.perf_counter()
-        samples, name = load_samples(config, out)
+        samples, reference, name = load_samples(config, out)
+        if "coexpression" in needs and reference is None:
+            raise ConfigError(f"models {[e.name for e in entries if 'coexpression' in e.needs]} need a labelled "
+                              "reference scRNA-seq set for their co-expression graphs: set data.reference")
         cache_dir = Path(config.features.cache_dir) if config.features.cache_dir else out / "cache"
         t0 = time.perf_counter()
         features = [
-            extract_features(
-                s,
-                config.features.encoder,
-                cache_dir=cache_dir,
-                batch_size=config.features.batch_size,
-                device=config.features.device,
-                progress=progress,
-                tile_size=config.features.tile_size,
-            )
+            extract_features(s, config.features.encoder, cache_dir=cache_dir, batch_size=config.features.batch_size,
+                             device=config.features.device, progress=progress, tile_size=config.features.tile_size)
             for s in samples
         ]
         feature_seconds = time.perf_counter() - t0
         pooled = pool_cells(samples, name, features, config.targets)
         log.info("features: %d cells x %d dims in %.1f s", *pooled.features.shape, feature_seconds)
-        folds = make_folds(
-            pooled.sample_ids, pooled.xy, config.cv.scheme, config.cv.n_folds, config.train.val_fraction, config.train.seed
-        )
+        routing = routing_labels(pooled, reference, config) if ("cell_types" in needs or reference is not None) else None
+        neighbours = None
+        if "neighbours" in needs:
+            parts, start = [], 0
+            for s in samples:
+                nbr = cached_window_neighbours(s.spatial * s.mpp, config.neighbours.window_um,
+                                               config.neighbours.max_neighbours, cache_dir, s.sample_id)
+                parts.append(np.where(nbr >= 0, nbr + start, -1))
+                start += s.n_cells
+            neighbours = torch.from_numpy(np.concatenate(parts))
+            log.info("neighbours: %.1f per cell on average (window %.0f um, at most %d)",
+                     float((neighbours >= 0).sum(1).float().mean()), config.neighbours.window_um,
+                     config.neighbours.max_neighbours)
+        folds = make_folds(pooled.sample_ids, pooled.xy, config.cv.scheme, config.cv.n_folds,
+                           config.train.val_fraction, config.train.seed)
         targets_all = compute_targets(pooled.counts, config.targets)
         feats_t = torch.from_numpy(pooled.features)
+        pos_t = torch.from_numpy(pooled.xy_um.astype(np.float32))
+        codes_t = torch.from_numpy(routing.codes) if routing is not None else None
         per_model: dict[str, dict[str, Any]] = {e.display_name: _empty_entry() for e in entries}
         ceiling_folds: list[float] = []
         per_gene_rows: list[dict[str, Any]] = []
+        prior_summaries = []
         n_genes_eval = []
         for k, fold in enumerate(folds):
             genes = select_genes(pooled.counts, pooled.genes, fold.train, config.targets)
             n_genes_eval.append(len(genes))
             cols = np.array([pooled.genes.index(g) for g in genes])
-            data = CellData(feats_t, torch.from_numpy(np.ascontiguousarray(targets_all[:, cols])))
+            targets_t = torch.from_numpy(np.ascontiguousarray(targets_all[:, cols]))
             true_test = targets_all[np.ix_(fold.test, cols)]
             if pooled.expected is not None:
                 cs = score_genes(pooled.expected[np.ix_(fold.test, cols)], true_test, genes)
                 ceiling_folds.append(cs.mean)
                 per_gene_rows += _gene_rows("ceiling", fold.name, cs)
+            prior = None
+            if "coexpression" in needs:
+                prior = _build_prior(reference, genes, routing, config, pooled)
+                prior_summaries.append(prior.summary())
             for entry in entries:
+                params = dict(config.model_params.get(entry.name, {}))
+                if "cell_types" in entry.needs:
+                    params.setdefault("n_types", len(routing.types))
+                if "coexpression" in entry.needs:
+                    params.setdefault("adjacency", torch.from_numpy(prior.adjacency))
+                if "neighbours" in entry.needs:
+                    params.setdefault("window_um", config.neighbours.window_um)
+                data = CellData(
+                    feats_t, targets_t,
+                    cell_type=codes_t if "cell_types" in entry.needs else None,
+                    neighbours=neighbours if "neighbours" in entry.needs else None,
+                    positions=pos_t if "neighbours" in entry.needs else None,
+                )
                 seed_everything(config.train.seed + k)
-                model = create_model(entry.name, pooled.features.shape[1], len(genes), **config.model_params.get(entry.name, {}))
-                train_cfg = replace(config.train, seed=config.train.seed + k)
-                res = fit(model, data, fold.train, fold.val, train_cfg, progress=progress,
-                          description=f"{entry.display_name} {fold.name} ({k + 1}/{len(folds)})")
+                model = create_model(entry.name, pooled.features.shape[1], len(genes), **params)
+                res = fit(model, data, fold.train, fold.val, replace(config.train, seed=config.train.seed + k),
+                          progress=progress, description=f"{entry.display_name} {fold.name} ({k + 1}/{len(folds)})")
                 scores = score_genes(predict(model, data, fold.test), true_test, genes)
                 rec = per_model[entry.display_name]
                 rec["folds"].append(scores.mean)
@@ -178,27 +280,38 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
                 rec["seconds"].append(round(res.seconds, 3))
                 rec["train_cells_per_s"].append(round(res.train_cells_per_s, 1))
                 rec["excluded_genes"].append(scores.excluded)
+                if getattr(model, "moe", False) and routing is not None:
+                    pi = collect(model, data, fold.test, lambda m, b: m.compute(**b).routing)
+                    rec.setdefault("routing_accuracy_folds", []).append(
+                        float((pi.argmax(1) == routing.codes[fold.test]).mean()))
                 per_gene_rows += _gene_rows(entry.display_name, fold.name, scores)
-                log.info("%s %s: mean PCC %.4f over %d genes", entry.display_name, fold.name, scores.mean,
-                         len(genes) - len(scores.excluded))
+                log.info("%s %s: mean PCC %.4f over %d genes (best epoch %d, %.1f s)", entry.display_name, fold.name,
+                         scores.mean, len(genes) - len(scores.excluded), res.best_epoch, res.seconds)
+        ceiling, ceiling_std = summarize_folds(ceiling_folds) if ceiling_folds else (None, None)
         for rec in per_model.values():
             rec["mean"], rec["std"] = summarize_folds(rec["folds"])
-        ceiling, ceiling_std = summarize_folds(ceiling_folds) if ceiling_folds else (None, None)
+            if "routing_accuracy_folds" in rec:
+                rec["routing_accuracy"] = float(np.mean(rec["routing_accuracy_folds"]))
+            if ceiling:
+                rec["share_of_ceiling"] = rec["mean"] / ceiling
+        dataset = {
+            "ceiling": ceiling,
+            "ceiling_std": ceiling_std,
+            "ceiling_folds": ceiling_folds or None,
+            "n_cells": int(len(pooled.sample_ids)),
+            "n_genes_eval": int(max(n_genes_eval)),
+            "scheme": "strips" if folds[0].name.startswith("strip") else "leave_one_slide_out",
+            "fold_names": [f.name for f in folds],
+            "encoder": config.features.encoder,
+            "feature_dim": int(pooled.features.shape[1]),
+            "models": per_model,
+        }
+        if routing is not None:
+            dataset["routing"] = routing.report
+        if prior_summaries:
+            dataset["prior"] = prior_summaries[0] | {"note": "summary of fold 1's graphs"}
         results = {
-            "datasets": {
-                name: {
-                    "ceiling": ceiling,
-                    "ceiling_std": ceiling_std,
-                    "ceiling_folds": ceiling_folds or None,
-                    "n_cells": int(len(pooled.sample_ids)),
-                    "n_genes_eval": int(max(n_genes_eval)),
-                    "scheme": "strips" if folds[0].name.startswith("strip") else "leave_one_slide_out",
-                    "fold_names": [f.name for f in folds],
-                    "encoder": config.features.encoder,
-                    "feature_dim": int(pooled.features.shape[1]),
-                    "models": per_model,
-                }
-            },
+            "datasets": {name: dataset},
             "gcmoe_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "seconds": {"features": round(feature_seconds, 2), "total": round(time.perf_counter() - started, 2)},
@@ -208,6 +321,15 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     finally:
         logging.getLogger("gcmoe").removeHandler(handler)
         handler.close()
+
+
+def _build_prior(reference, genes: list[str], routing: Routing, config: RunConfig, pooled: PooledCells):
+    from gcmoe.prior.coexpression import build_coexpression_prior
+
+    return build_coexpression_prior(
+        reference, genes, routing.types, type_key=config.prior.type_key,
+        mapping=_type_mapping(reference, config, pooled) or None, tau=config.prior.tau,
+    )
 
 
 def _empty_entry() -> dict[str, Any]:
@@ -239,13 +361,15 @@ def write_results(results: dict[str, Any], per_gene_rows: list[dict[str, Any]], 
 def _jsonable(obj: Any) -> Any:
     """NaN -> null, numpy scalars -> Python, recursively (results.json stays valid JSON)."""
     if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
+        return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
         return None if not np.isfinite(obj) else float(obj)
     if isinstance(obj, np.integer):
         return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
     return obj
 
 
@@ -261,7 +385,7 @@ def _attach_log_file(path: Path) -> logging.Handler:
 
 
 def demo_config(out: str | os.PathLike = "gcmoe_demo", quick: bool = False) -> RunConfig:
-    """Settings of ``gcmoe demo``: the default virtual tissue (or a tiny one with ``quick``), ST-Net*, 5 strips."""
+    """Settings of ``gcmoe demo``: the default virtual tissue (or a tiny one with ``quick``), 5 strips."""
     config = RunConfig(out=str(out))
     if quick:
         config.data.tissue = TissueConfig(n_cells=1_200, height=800, width=800, n_genes=80, n_reference_cells=500)

@@ -31,3 +31,17 @@ def test_average_column_with_several_datasets():
 def test_markdown_has_fold_detail():
     md = results_markdown(_results())
     assert "| ST-Net* | 0.300 | 0.500 |" in md and "strip_1" in md
+
+
+def test_ablation_table_marks_components():
+    from gcmoe.evaluation.tables import ablation_table
+
+    res = _results()
+    res["datasets"]["A"]["models"]["GC-MoE"]["routing_accuracy"] = 0.8
+    res["datasets"]["A"]["models"]["GC-MoE"]["share_of_ceiling"] = 0.5
+    res["datasets"]["A"]["models"]["Ours w/o C2CA"] = {"folds": [0.5], "mean": 0.45, "std": 0.0, "routing_accuracy": 0.7}
+    table = ablation_table(res)
+    assert "| Ours w/o C2CA | ✓ | ✓ |  | 0.450 ± 0.000 | 0.700 | – |" in table
+    assert "| GC-MoE | ✓ | ✓ | ✓ | **0.550 ± 0.070** | 0.800 | 50% |" in table
+    assert "ST-Net*" not in table
+    assert ablation_table({"datasets": {"A": {"models": {"ST-Net*": {}}}}}) is None

@@ -60,6 +60,42 @@ def method_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def ablation_table(results: dict[str, Any]) -> str | None:
+    """Markdown Table 2 (GC-MoE ablations present in the results), or None when there are none.
+
+    Columns: the components (CS-MoE, CAP, C2CA), PCC per dataset (best in bold), routing accuracy against the
+    routing labels, and the share of the ceiling reached.
+    """
+    from gcmoe.models.ablations import ABLATIONS
+
+    datasets = results["datasets"]
+    rows = [(display, sw) for display, sw in ABLATIONS.values() if any(display in d["models"] for d in datasets.values())]
+    if not rows:
+        return None
+    names = list(datasets)
+    header = ["Method", "CS-MoE", "CAP", "C2CA", *names, "routing accuracy", "share of ceiling"]
+    lines = ["| " + " | ".join(header) + " |", "|---|:---:|:---:|:---:|" + "|".join([":---:"] * (len(names) + 2)) + "|"]
+    best = {}
+    for n in names:
+        scores = {d: datasets[n]["models"][d]["mean"] for d, _ in rows if d in datasets[n]["models"]}
+        finite = {m: s for m, s in scores.items() if s is not None and np.isfinite(s)}
+        best[n] = max(finite, key=finite.get) if finite else None
+    for display, sw in rows:
+        row = [display] + ["✓" if sw[c] else "" for c in ("moe", "cap", "c2ca")]
+        accs, shares = [], []
+        for n in names:
+            e = datasets[n]["models"].get(display)
+            row.append(_fmt(e["mean"], e["std"], bold=(display == best[n])) if e else "–")
+            if e and e.get("routing_accuracy") is not None:
+                accs.append(e["routing_accuracy"])
+            if e and e.get("share_of_ceiling") is not None:
+                shares.append(e["share_of_ceiling"])
+        row.append(f"{np.mean(accs):.3f}" if accs else "–")
+        row.append(f"{100 * np.mean(shares):.0f}%" if shares else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def fold_table(name: str, dataset: dict[str, Any]) -> str:
     """Markdown table of per-fold mean PCC for one dataset (methods in rows, folds in columns)."""
     folds = dataset.get("fold_names") or [f"fold {i + 1}" for i in range(len(next(iter(dataset["models"].values()))["folds"]))]
@@ -84,6 +120,11 @@ def results_markdown(results: dict[str, Any]) -> str:
         "",
         method_table(results),
     ]
+    table2 = ablation_table(results)
+    if table2:
+        parts += ["", "## Table 2: ablation of GC-MoE", "",
+                  "Routing accuracy: the router's most probable type against the routing labels on test cells.", "",
+                  table2]
     for name, d in results["datasets"].items():
         parts += [
             "",

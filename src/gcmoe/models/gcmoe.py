@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gcmoe.models.ablations import ABLATIONS
 from gcmoe.models.base import CellModel, ModelOutput
 from gcmoe.models.layers import (
     ExpertCrossAttention,
@@ -182,14 +183,6 @@ def _expert_adjacency(adjacency: Tensor | None, n_genes: int, n_types: int, moe:
     adjacency = (adjacency > 0).float()
     eye = torch.eye(n_genes, dtype=torch.bool)
     return adjacency.masked_fill(eye, 0.0)
-
-
-ABLATIONS = {
-    "gcmoe_no_moe_cap_c2ca": ("Ours w/o CS-MoE, CAP, C2CA", dict(moe=False, cap=False, c2ca=False)),
-    "gcmoe_no_cap_c2ca": ("Ours w/o CAP, C2CA", dict(moe=True, cap=False, c2ca=False)),
-    "gcmoe_no_c2ca": ("Ours w/o C2CA", dict(moe=True, cap=True, c2ca=False)),
-    "gcmoe": ("GC-MoE", dict(moe=True, cap=True, c2ca=True)),
-}
 
 
 def _make_factory(switches: dict[str, bool]):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,24 +27,42 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CellData:
-    """Per-cell tensors of a run, indexed by cell: ``features`` (N, D), ``targets`` (N, G), and extras.
+    """Per-cell tensors of a run, indexed by cell.
 
-    Extras (e.g. ``cell_type`` codes) are passed to the model as keyword arguments during training only.
+    ``features`` (N, D) and ``targets`` (N, G) always; ``neighbours`` (N, M) long with -1 padding and
+    ``positions`` (N, 2) micrometres when a model attends to neighbours (their features are gathered from
+    ``features`` by index, offsets computed from ``positions``); ``cell_type`` (N,) long with -1 = unknown,
+    passed to the model during training only.
     """
 
     features: Tensor
     targets: Tensor
-    extras: dict[str, Tensor] = field(default_factory=dict)
+    cell_type: Tensor | None = None
+    neighbours: Tensor | None = None
+    positions: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.features.shape[0]
-        if self.targets.shape[0] != n or any(v.shape[0] != n for v in self.extras.values()):
-            raise ValueError("features, targets and extras must have one row per cell")
+        for name in ("targets", "cell_type", "neighbours", "positions"):
+            value = getattr(self, name)
+            if value is not None and value.shape[0] != n:
+                raise ValueError(f"{name} has {value.shape[0]} rows, features {n}: one row per cell is needed")
+        if (self.neighbours is None) != (self.positions is None):
+            raise ValueError("neighbours and positions go together")
 
     def inputs(self, idx: Tensor, train: bool) -> dict[str, Tensor]:
+        """The model's keyword inputs for cells ``idx``."""
         batch = {"features": self.features.index_select(0, idx)}
-        if train:
-            batch.update({k: v.index_select(0, idx) for k, v in self.extras.items()})
+        if self.neighbours is not None:
+            nbr = self.neighbours.index_select(0, idx)  # (B, M)
+            mask = nbr >= 0
+            flat = nbr.clamp(min=0).reshape(-1)
+            batch["neighbour_features"] = self.features.index_select(0, flat).reshape(*nbr.shape, -1)
+            own = self.positions.index_select(0, idx).unsqueeze(1)
+            batch["neighbour_offsets"] = self.positions.index_select(0, flat).reshape(*nbr.shape, 2) - own
+            batch["neighbour_mask"] = mask
+        if train and self.cell_type is not None:
+            batch["cell_type"] = self.cell_type.index_select(0, idx)
         return batch
 
 
@@ -65,21 +83,28 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def predict(model: CellModel, data: CellData, idx: np.ndarray, batch_size: int = 8192) -> np.ndarray:
-    """Predictions for cells ``idx`` (float32, len(idx) x G), model in eval mode."""
+def collect(
+    model: CellModel, data: CellData, idx: np.ndarray, fn: Callable[[CellModel, dict[str, Tensor]], Tensor],
+    batch_size: int = 8192,
+) -> np.ndarray:
+    """``fn(model, batch)`` over cells ``idx`` in eval mode, concatenated (float32 numpy)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     out = []
-    index = torch.as_tensor(idx, dtype=torch.long)
+    index = torch.as_tensor(np.asarray(idx), dtype=torch.long)
     for start in range(0, len(index), batch_size):
         batch = data.inputs(index[start : start + batch_size], train=False)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out.append(model(**batch).prediction.float().cpu())
+        out.append(fn(model, {k: v.to(device) for k, v in batch.items()}).float().cpu())
     model.train(was_training)
-    if not out:
+    return torch.cat(out).numpy() if out else np.zeros((0,), dtype=np.float32)
+
+
+def predict(model: CellModel, data: CellData, idx: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+    """Predictions for cells ``idx`` (float32, len(idx) x G), model in eval mode."""
+    if len(idx) == 0:
         return np.zeros((0, data.targets.shape[1]), dtype=np.float32)
-    return torch.cat(out).numpy()
+    return collect(model, data, idx, lambda m, b: m(**b).prediction, batch_size)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
