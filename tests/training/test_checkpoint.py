@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+import torch
+
+from gcmoe.models import create_model
+from gcmoe.training.checkpoint import CheckpointError, load_model, save_model
+from gcmoe.training.trainer import CellData, predict
+
+
+def _data(n=64, d=8, g=6, m=4):
+    gen = torch.Generator().manual_seed(0)
+    nbr = torch.randint(-1, n, (n, m), generator=gen)
+    return CellData(torch.randn(n, d, generator=gen), torch.randn(n, g, generator=gen),
+                    neighbours=nbr, positions=torch.rand(n, 2, generator=gen) * 100)
+
+
+@pytest.mark.parametrize("name", ["stnet", "gcmoe", "gcmoe_no_cap_c2ca"])
+def test_saved_model_reloads_to_identical_predictions(tmp_path, name):
+    torch.manual_seed(0)
+    params = {"adjacency": (torch.rand(4, 6, 6) > 0.7).float()} if name == "gcmoe" else {}
+    model = create_model(name, 8, 6, **params)
+    model.set_input_stats(torch.randn(8), torch.rand(8) + 0.5)
+    data = _data()
+    before = predict(model, data, np.arange(64))
+    save_model(model, tmp_path / "m", name, params, {"genes": [f"g{i}" for i in range(6)], "cell_types": []})
+    loaded, meta = load_model(tmp_path / "m")
+    np.testing.assert_array_equal(predict(loaded, data, np.arange(64)), before)
+    assert meta["genes"][0] == "g0" and (tmp_path / "m" / "README.md").is_file()
+
+
+def test_damaged_weights_are_detected(tmp_path):
+    model = create_model("stnet", 8, 6)
+    save_model(model, tmp_path / "m", "stnet", {}, {})
+    weights = tmp_path / "m" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "model.json").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(tmp_path / "m")
