@@ -102,6 +102,79 @@ def cv(
 
 
 @app.command()
+def train(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML settings file.")] = None,
+    model: Annotated[str, typer.Option(help="Model name (gcmoe list models).")] = "gcmoe",
+    data: Annotated[Optional[list[Path]], typer.Option("--data", help="A Sample .h5ad; repeat for several slides.")] = None,
+    reference: Annotated[Optional[Path], typer.Option(help="Labelled reference scRNA-seq .h5ad (GC-MoE's priors).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder; the model goes to OUT/model.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train one model on all cells (early stopping on spatial validation blocks) and save its model folder."""
+    _setup_logging(verbose)
+    from gcmoe.config import RunConfig, load_config
+    from gcmoe.pipeline import train_model
+
+    try:
+        run_config = load_config(config) if config else RunConfig()
+        if data:
+            run_config.data.source = "samples"
+            run_config.data.samples = [str(p) for p in data]
+        if reference:
+            run_config.data.reference = str(reference)
+        if out:
+            run_config.out = str(out)
+        folder = train_model(run_config, model)
+    except GcmoeError as exc:
+        _fail(exc)
+    typer.echo(f"model saved to {folder} (model.safetensors, model.json, README.md)")
+
+
+@app.command()
+def prior(
+    reference: Annotated[Path, typer.Option(help="Labelled reference scRNA-seq .h5ad (raw counts).")],
+    out: Annotated[Path, typer.Option(help="Where to write the prior (.npz).")] = Path("prior.npz"),
+    genes: Annotated[Optional[str], typer.Option(help="Comma-separated target genes, or @FILE with one per line.")] = None,
+    sample: Annotated[Optional[Path], typer.Option(help="Take the target genes from this Sample .h5ad.")] = None,
+    types: Annotated[Optional[str], typer.Option(help="Comma-separated routing types (default: the mapping's).")] = None,
+    mapping: Annotated[Optional[Path], typer.Option(help="YAML {reference type: routing type}.")] = None,
+    type_key: Annotated[str, typer.Option(help="The reference's cell-type column.")] = "cell_type",
+    tau: Annotated[float, typer.Option(help="Edge where the gene-gene correlation exceeds tau.")] = 0.2,
+) -> None:
+    """Build cell-type-specific co-expression graphs from a reference and print their summary."""
+    _setup_logging(False)
+    import anndata
+    import yaml
+
+    from gcmoe.prior.coexpression import build_coexpression_prior
+
+    try:
+        ref = anndata.read_h5ad(reference)
+        if genes:
+            names = Path(genes[1:]).read_text().split() if genes.startswith("@") else [g.strip() for g in genes.split(",")]
+        elif sample:
+            names = list(map(str, anndata.read_h5ad(sample, backed="r").var_names))
+        else:
+            names = list(map(str, ref.var_names))
+        type_map = yaml.safe_load(mapping.read_text()) if mapping else None
+        if types:
+            routing = [t.strip() for t in types.split(",")]
+        elif type_map:
+            routing = list(dict.fromkeys(type_map.values()))
+        else:
+            routing = list(dict.fromkeys(dict(ref.uns.get("gcmoe", {}).get("type_mapping", {})).values())) or sorted(
+                set(ref.obs[type_key].astype(str)))
+        result = build_coexpression_prior(ref, names, routing, type_key=type_key, mapping=type_map, tau=tau)
+        result.save(out)
+    except GcmoeError as exc:
+        _fail(exc)
+    summary = result.summary()
+    typer.echo(f"wrote {out}: {summary['n_genes']} genes, tau {tau}, {len(summary['missing_genes'])} genes missing from the reference")
+    for t, v in summary["types"].items():
+        typer.echo(f"  {t:14s} {v['reference_cells']:6d} cells  {v['edges']:6d} edges  {v['genes_covered']:4d} genes covered")
+
+
+@app.command()
 def simulate(
     out: Annotated[Path, typer.Option(help="Output folder for <sample_id>.h5ad + .tif and reference.h5ad.")] = Path("virtual_tissue"),
     seed: Annotated[int, typer.Option()] = 0,

@@ -183,6 +183,80 @@ def _type_mapping(reference, config: RunConfig, pooled: PooledCells) -> dict[str
     return {t: t for t in ref_types if t in targets}
 
 
+@dataclass
+class RunData:
+    """Everything the folds share: pooled cells, features, routing labels, neighbours, the reference."""
+
+    pooled: PooledCells
+    reference: Any
+    routing: Routing | None
+    neighbours: Any  # torch (N, M) long or None
+    cache_dir: Path
+    feature_seconds: float
+
+
+def prepare_run(config: RunConfig, out: Path, needs: set[str], progress: bool = True) -> RunData:
+    """Load or generate the data, extract (cached) features, and build what the models need."""
+    import torch
+
+    from gcmoe.features import extract_features
+    from gcmoe.features.neighbours import cached_window_neighbours
+
+    samples, reference, name = load_samples(config, out)
+    if "coexpression" in needs and reference is None:
+        raise ConfigError("GC-MoE's co-expression graphs need a labelled reference scRNA-seq set: set data.reference")
+    cache_dir = Path(config.features.cache_dir) if config.features.cache_dir else out / "cache"
+    t0 = time.perf_counter()
+    features = [
+        extract_features(s, config.features.encoder, cache_dir=cache_dir, batch_size=config.features.batch_size,
+                         device=config.features.device, progress=progress, tile_size=config.features.tile_size)
+        for s in samples
+    ]
+    feature_seconds = time.perf_counter() - t0
+    pooled = pool_cells(samples, name, features, config.targets)
+    log.info("features: %d cells x %d dims in %.1f s", *pooled.features.shape, feature_seconds)
+    routing = routing_labels(pooled, reference, config) if ("cell_types" in needs or reference is not None) else None
+    neighbours = None
+    if "neighbours" in needs:
+        parts, start = [], 0
+        for s in samples:
+            nbr = cached_window_neighbours(s.spatial * s.mpp, config.neighbours.window_um,
+                                           config.neighbours.max_neighbours, cache_dir, s.sample_id)
+            parts.append(np.where(nbr >= 0, nbr + start, -1))
+            start += s.n_cells
+        neighbours = torch.from_numpy(np.concatenate(parts))
+        log.info("neighbours: %.1f per cell on average (window %.0f um, at most %d)",
+                 float((neighbours >= 0).sum(1).float().mean()), config.neighbours.window_um,
+                 config.neighbours.max_neighbours)
+    return RunData(pooled, reference, routing, neighbours, cache_dir, feature_seconds)
+
+
+def build_model(entry, run: RunData, genes: list[str], config: RunConfig, targets_t):
+    """Create a registered model for ``genes`` with what it needs from the run; returns (model, params, data)."""
+    import torch
+
+    from gcmoe.models import create_model
+    from gcmoe.training.trainer import CellData
+
+    params = dict(config.model_params.get(entry.name, {}))
+    if "cell_types" in entry.needs:
+        params.setdefault("n_types", len(run.routing.types))
+    if "coexpression" in entry.needs:
+        prior = _build_prior(run.reference, genes, run.routing, config, run.pooled)
+        params.setdefault("adjacency", torch.from_numpy(prior.adjacency))
+    if "neighbours" in entry.needs:
+        params.setdefault("window_um", config.neighbours.window_um)
+    pooled = run.pooled
+    data = CellData(
+        torch.from_numpy(pooled.features), targets_t,
+        cell_type=torch.from_numpy(run.routing.codes) if "cell_types" in entry.needs else None,
+        neighbours=run.neighbours if "neighbours" in entry.needs else None,
+        positions=torch.from_numpy(pooled.xy_um.astype(np.float32)) if "neighbours" in entry.needs else None,
+    )
+    model = create_model(entry.name, pooled.features.shape[1], len(genes), **params)
+    return model, params, data
+
+
 def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Run the cross-validated comparison described by ``config``; write and return the results mapping."""
     import torch
@@ -190,10 +264,8 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     from gcmoe.data.genes import compute_targets, select_genes
     from gcmoe.data.splits import make_folds
     from gcmoe.evaluation.metrics import score_genes, summarize_folds
-    from gcmoe.features import extract_features
-    from gcmoe.features.neighbours import cached_window_neighbours
-    from gcmoe.models import create_model, get_model_entry
-    from gcmoe.training.trainer import CellData, collect, fit, predict, seed_everything
+    from gcmoe.models import get_model_entry
+    from gcmoe.training.trainer import collect, fit, predict, seed_everything
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,43 +275,14 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         needs = set().union(*(e.needs for e in entries)) if entries else set()
         save_config(config, out / "config.yaml")
         started = time.perf_counter()
-        samples, reference, name = load_samples(config, out)
-        if "coexpression" in needs and reference is None:
-            raise ConfigError(f"models {[e.name for e in entries if 'coexpression' in e.needs]} need a labelled "
-                              "reference scRNA-seq set for their co-expression graphs: set data.reference")
-        cache_dir = Path(config.features.cache_dir) if config.features.cache_dir else out / "cache"
-        t0 = time.perf_counter()
-        features = [
-            extract_features(s, config.features.encoder, cache_dir=cache_dir, batch_size=config.features.batch_size,
-                             device=config.features.device, progress=progress, tile_size=config.features.tile_size)
-            for s in samples
-        ]
-        feature_seconds = time.perf_counter() - t0
-        pooled = pool_cells(samples, name, features, config.targets)
-        log.info("features: %d cells x %d dims in %.1f s", *pooled.features.shape, feature_seconds)
-        routing = routing_labels(pooled, reference, config) if ("cell_types" in needs or reference is not None) else None
-        neighbours = None
-        if "neighbours" in needs:
-            parts, start = [], 0
-            for s in samples:
-                nbr = cached_window_neighbours(s.spatial * s.mpp, config.neighbours.window_um,
-                                               config.neighbours.max_neighbours, cache_dir, s.sample_id)
-                parts.append(np.where(nbr >= 0, nbr + start, -1))
-                start += s.n_cells
-            neighbours = torch.from_numpy(np.concatenate(parts))
-            log.info("neighbours: %.1f per cell on average (window %.0f um, at most %d)",
-                     float((neighbours >= 0).sum(1).float().mean()), config.neighbours.window_um,
-                     config.neighbours.max_neighbours)
+        run = prepare_run(config, out, needs, progress)
+        pooled, routing = run.pooled, run.routing
         folds = make_folds(pooled.sample_ids, pooled.xy, config.cv.scheme, config.cv.n_folds,
                            config.train.val_fraction, config.train.seed)
         targets_all = compute_targets(pooled.counts, config.targets)
-        feats_t = torch.from_numpy(pooled.features)
-        pos_t = torch.from_numpy(pooled.xy_um.astype(np.float32))
-        codes_t = torch.from_numpy(routing.codes) if routing is not None else None
         per_model: dict[str, dict[str, Any]] = {e.display_name: _empty_entry() for e in entries}
         ceiling_folds: list[float] = []
         per_gene_rows: list[dict[str, Any]] = []
-        prior_summaries = []
         n_genes_eval = []
         for k, fold in enumerate(folds):
             genes = select_genes(pooled.counts, pooled.genes, fold.train, config.targets)
@@ -251,26 +294,9 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
                 cs = score_genes(pooled.expected[np.ix_(fold.test, cols)], true_test, genes)
                 ceiling_folds.append(cs.mean)
                 per_gene_rows += _gene_rows("ceiling", fold.name, cs)
-            prior = None
-            if "coexpression" in needs:
-                prior = _build_prior(reference, genes, routing, config, pooled)
-                prior_summaries.append(prior.summary())
             for entry in entries:
-                params = dict(config.model_params.get(entry.name, {}))
-                if "cell_types" in entry.needs:
-                    params.setdefault("n_types", len(routing.types))
-                if "coexpression" in entry.needs:
-                    params.setdefault("adjacency", torch.from_numpy(prior.adjacency))
-                if "neighbours" in entry.needs:
-                    params.setdefault("window_um", config.neighbours.window_um)
-                data = CellData(
-                    feats_t, targets_t,
-                    cell_type=codes_t if "cell_types" in entry.needs else None,
-                    neighbours=neighbours if "neighbours" in entry.needs else None,
-                    positions=pos_t if "neighbours" in entry.needs else None,
-                )
                 seed_everything(config.train.seed + k)
-                model = create_model(entry.name, pooled.features.shape[1], len(genes), **params)
+                model, _, data = build_model(entry, run, genes, config, targets_t)
                 res = fit(model, data, fold.train, fold.val, replace(config.train, seed=config.train.seed + k),
                           progress=progress, description=f"{entry.display_name} {fold.name} ({k + 1}/{len(folds)})")
                 scores = score_genes(predict(model, data, fold.test), true_test, genes)
@@ -308,13 +334,11 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         }
         if routing is not None:
             dataset["routing"] = routing.report
-        if prior_summaries:
-            dataset["prior"] = prior_summaries[0] | {"note": "summary of fold 1's graphs"}
         results = {
-            "datasets": {name: dataset},
+            "datasets": {pooled.name: dataset},
             "gcmoe_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "seconds": {"features": round(feature_seconds, 2), "total": round(time.perf_counter() - started, 2)},
+            "seconds": {"features": round(run.feature_seconds, 2), "total": round(time.perf_counter() - started, 2)},
         }
         write_results(results, per_gene_rows, out)
         return results
@@ -395,3 +419,60 @@ def demo_config(out: str | os.PathLike = "gcmoe_demo", quick: bool = False) -> R
         config.train.max_epochs = 400
         config.train.patience = 30
     return config
+
+
+def train_model(config: RunConfig, model_name: str, progress: bool = True) -> Path:
+    """Train one model on all cells of the run (validation carved in spatial blocks) and save its folder.
+
+    The folder (``<out>/model``) holds safetensors weights and a JSON card with everything prediction needs:
+    genes, routing types, encoder and its pixel size, target transform, training data and validation PCC.
+    """
+    import torch
+
+    from gcmoe.config import to_dict
+    from gcmoe.data.genes import compute_targets, select_genes
+    from gcmoe.data.splits import carve_validation
+    from gcmoe.features import create_encoder
+    from gcmoe.models import get_model_entry
+    from gcmoe.training.checkpoint import save_model
+    from gcmoe.training.trainer import fit, seed_everything
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = _attach_log_file(out / "log.txt")
+    try:
+        entry = get_model_entry(model_name)
+        save_config(config, out / "config.yaml")
+        run = prepare_run(config, out, set(entry.needs), progress)
+        pooled = run.pooled
+        all_idx = np.arange(len(pooled.sample_ids))
+        train_parts, val_parts = [], []
+        for sid in dict.fromkeys(pooled.sample_ids):
+            tr, va = carve_validation(pooled.xy, all_idx[pooled.sample_ids == sid], config.train.val_fraction, config.train.seed)
+            train_parts.append(tr)
+            val_parts.append(va)
+        train_idx, val_idx = np.concatenate(train_parts), np.concatenate(val_parts)
+        genes = select_genes(pooled.counts, pooled.genes, train_idx, config.targets)
+        cols = np.array([pooled.genes.index(g) for g in genes])
+        targets_t = torch.from_numpy(np.ascontiguousarray(compute_targets(pooled.counts, config.targets)[:, cols]))
+        seed_everything(config.train.seed)
+        model, params, data = build_model(entry, run, genes, config, targets_t)
+        res = fit(model, data, train_idx, val_idx, config.train, progress=progress, description=entry.display_name)
+        encoder = create_encoder(config.features.encoder)
+        meta = {
+            "genes": genes,
+            "cell_types": run.routing.types if run.routing is not None else [],
+            "encoder": {"name": config.features.encoder, "target_mpp": encoder.config.target_mpp,
+                        "feature_dim": int(pooled.features.shape[1]), "weights": config.features.weights},
+            "neighbours": to_dict(config.neighbours) if "neighbours" in entry.needs else None,
+            "targets": to_dict(config.targets) | {"genes": genes},
+            "training_data": {"samples": sorted(set(pooled.sample_ids)), "n_cells": int(len(all_idx)),
+                              "n_train": int(len(train_idx)), "n_val": int(len(val_idx))},
+            "metrics": {"val_pcc": res.best_val_pcc, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run},
+            "gcmoe_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        return save_model(model, out / "model", entry.name, params, meta)
+    finally:
+        logging.getLogger("gcmoe").removeHandler(handler)
+        handler.close()
