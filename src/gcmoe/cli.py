@@ -77,7 +77,8 @@ def demo(
 def cv(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML settings file (see docs/configuration.md).")] = None,
     data: Annotated[Optional[list[Path]], typer.Option("--data", help="A Sample .h5ad written by gcmoe; repeat for several slides.")] = None,
-    models: Annotated[Optional[str], typer.Option(help="Comma-separated model names, e.g. stnet.")] = None,
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated model names, e.g. stnet,gcmoe.")] = None,
+    reference: Annotated[Optional[Path], typer.Option(help="Labelled reference scRNA-seq .h5ad (GC-MoE's priors).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (overrides the file's).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -93,6 +94,8 @@ def cv(
             run_config.data.samples = [str(p) for p in data]
         if models:
             run_config.models = [m.strip() for m in models.split(",") if m.strip()]
+        if reference:
+            run_config.data.reference = str(reference)
         if out:
             run_config.out = str(out)
         results = run_cv(run_config)
