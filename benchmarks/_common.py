@@ -27,7 +27,17 @@ def machine() -> dict:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
+    """Peak resident memory of this process so far, MiB.
+
+    Read from /proc/self/status (VmHWM): ``ru_maxrss`` would carry the parent's peak into a child started
+    with fork + exec.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

@@ -209,7 +209,8 @@ def prepare_run(config: RunConfig, out: Path, needs: set[str], progress: bool = 
     t0 = time.perf_counter()
     features = [
         extract_features(s, config.features.encoder, cache_dir=cache_dir, batch_size=config.features.batch_size,
-                         device=config.features.device, progress=progress, tile_size=config.features.tile_size)
+                         device=config.features.device, progress=progress, tile_size=config.features.tile_size,
+                         weights=config.features.weights)
         for s in samples
     ]
     feature_seconds = time.perf_counter() - t0
@@ -458,7 +459,7 @@ def train_model(config: RunConfig, model_name: str, progress: bool = True) -> Pa
         seed_everything(config.train.seed)
         model, params, data = build_model(entry, run, genes, config, targets_t)
         res = fit(model, data, train_idx, val_idx, config.train, progress=progress, description=entry.display_name)
-        encoder = create_encoder(config.features.encoder)
+        encoder = create_encoder(config.features.encoder, weights=config.features.weights)
         meta = {
             "genes": genes,
             "cell_types": run.routing.types if run.routing is not None else [],
