@@ -36,6 +36,7 @@ class TissueConfig:
     morphology_contrast: float = 1.0  # scales how far cell types differ in the image (difficulty)
     n_reference_cells: int = 5_000  # cells in the matching reference scRNA-seq set
     sample_id: str = "virtual_tissue"
+    program_seed: int = 0  # seeds the gene programs only: tissues with different `seed` share their biology
 
 
 @dataclass
