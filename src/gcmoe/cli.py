@@ -191,6 +191,7 @@ def simulate(
     dropout: Annotated[float, typer.Option(help="Scale of technical dropout (1 = calibrated).")] = 1.0,
     morphology_contrast: Annotated[float, typer.Option(help="How far cell types differ in the image.")] = 1.0,
     sample_id: Annotated[str, typer.Option()] = "virtual_tissue",
+    program_seed: Annotated[int, typer.Option(help="Seeds the gene programs only; tissues sharing it share biology.")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Generate a virtual H&E tissue with single-cell expression, its reference scRNA-seq and ground truth."""
@@ -203,6 +204,7 @@ def simulate(
         tissue = simulate_tissue(TissueConfig(
             seed=seed, n_cells=n_cells, height=height, width=width, mpp=mpp, n_cell_types=n_cell_types,
             n_genes=n_genes, noise=noise, dropout=dropout, morphology_contrast=morphology_contrast, sample_id=sample_id,
+            program_seed=program_seed,
         ))
         path = tissue.sample.write(out / f"{sample_id}.h5ad")
         write_h5ad(tissue.reference, out / "reference.h5ad")
