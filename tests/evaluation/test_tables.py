@@ -45,3 +45,11 @@ def test_ablation_table_marks_components():
     assert "| GC-MoE | ✓ | ✓ | ✓ | **0.550 ± 0.070** | 0.800 | 50% |" in table
     assert "ST-Net*" not in table
     assert ablation_table({"datasets": {"A": {"models": {"ST-Net*": {}}}}}) is None
+
+
+def test_excluded_genes_listed_only_when_present():
+    res = _results()
+    res["datasets"]["A"]["models"]["ST-Net*"]["excluded_genes"] = [[], []]
+    assert "Genes excluded" not in results_markdown(res)
+    res["datasets"]["A"]["models"]["ST-Net*"]["excluded_genes"] = [["g2"], ["g1", "g2"]]
+    assert "- ST-Net*: g1, g2" in results_markdown(res)

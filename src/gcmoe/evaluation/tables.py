@@ -134,8 +134,9 @@ def results_markdown(results: dict[str, Any]) -> str:
             "",
             fold_table(name, d),
         ]
-        excluded = {m: e.get("excluded_genes") for m, e in d["models"].items() if e.get("excluded_genes")}
+        excluded = {m: sorted({g for fold in e.get("excluded_genes", []) for g in fold}) for m, e in d["models"].items()}
+        excluded = {m: genes for m, genes in excluded.items() if genes}
         if excluded:
             parts += ["", "Genes excluded (constant in a test fold):"]
-            parts += [f"- {m}: {', '.join(sorted(set(sum(v, []))))}" for m, v in excluded.items()]
+            parts += [f"- {m}: {', '.join(genes)}" for m, genes in excluded.items()]
     return "\n".join(parts) + "\n"
