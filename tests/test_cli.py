@@ -41,12 +41,13 @@ def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     result = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    d = _check_schema(json.loads((out / "results.json").read_text()), ["ST-Net*"])
+    demo_names = ["ST-Net*", "Ours w/o CS-MoE, CAP, C2CA", "Ours w/o CAP, C2CA", "Ours w/o C2CA", "GC-MoE"]
+    d = _check_schema(json.loads((out / "results.json").read_text()), demo_names)
     assert d["ceiling"] is not None
     assert d["models"]["ST-Net*"]["mean"] > 0.05  # it learns something even on the tiny tissue
     assert d["models"]["ST-Net*"]["mean"] < d["ceiling"]
     md = (out / "results.md").read_text()
-    assert "| ST-Net* |" in md and "*ceiling*" in md
+    assert "| ST-Net* |" in md and "*ceiling*" in md and "Table 2" in md
     for name in ("config.yaml", "log.txt", "per_gene.csv", "data/virtual_tissue.h5ad", "data/reference.h5ad"):
         assert (out / name).is_file(), name
 

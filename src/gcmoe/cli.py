@@ -177,6 +177,29 @@ def prior(
         typer.echo(f"  {t:14s} {v['reference_cells']:6d} cells  {v['edges']:6d} edges  {v['genes_covered']:4d} genes covered")
 
 
+@app.command("predict")
+def predict_cmd(
+    model: Annotated[Path, typer.Option(help="A model folder written by `gcmoe train`.")],
+    slide: Annotated[Path, typer.Option(help="The H&E image (TIFF/BigTIFF, pyramidal or not).")],
+    out: Annotated[Path, typer.Option(help="Output .h5ad.")],
+    cells: Annotated[Optional[Path], typer.Option(help="Cell centres: CSV/parquet (x, y px), GeoJSON, HoVer-Net JSON or a label mask.")] = None,
+    detect: Annotated[bool, typer.Option("--detect", help="Find nuclei in the image instead of reading a cell file.")] = False,
+    mpp: Annotated[Optional[float], typer.Option(help="Micrometres per pixel (default: from the TIFF tags).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder.")] = None,
+    device: Annotated[str, typer.Option()] = "cpu",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Predict the expression of every cell of a new slide with a trained model."""
+    _setup_logging(verbose)
+    from gcmoe.inference import predict_slide
+
+    try:
+        adata = predict_slide(model, slide, out, cells=cells, detect=detect, mpp=mpp, cache_dir=cache_dir, device=device)
+    except GcmoeError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {out}: {adata.n_obs} cells x {adata.n_vars} genes")
+
+
 @app.command()
 def simulate(
     out: Annotated[Path, typer.Option(help="Output folder for <sample_id>.h5ad + .tif and reference.h5ad.")] = Path("virtual_tissue"),

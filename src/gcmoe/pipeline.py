@@ -248,13 +248,27 @@ def build_model(entry, run: RunData, genes: list[str], config: RunConfig, target
     if "neighbours" in entry.needs:
         params.setdefault("window_um", config.neighbours.window_um)
     pooled = run.pooled
+    model = create_model(entry.name, pooled.features.shape[1], len(genes), **params)
+    # wider contexts are built with the model's own geometry (its settings or their defaults), per slide
+    windows = context = None
+    if "windows" in entry.needs:
+        from gcmoe.features.context import tile_windows
+
+        windows = tile_windows(pooled.xy_um, model.window_um, model.max_window_cells, pooled.sample_ids)
+    if "context" in entry.needs:
+        from gcmoe.features.context import context_grid
+
+        context = context_grid(pooled.xy_um, model.context_um, model.context_size, pooled.sample_ids)
+    spatial = bool(entry.needs & {"neighbours", "windows", "context"})
     data = CellData(
         torch.from_numpy(pooled.features), targets_t,
         cell_type=torch.from_numpy(run.routing.codes) if "cell_types" in entry.needs else None,
         neighbours=run.neighbours if "neighbours" in entry.needs else None,
-        positions=torch.from_numpy(pooled.xy_um.astype(np.float32)) if "neighbours" in entry.needs else None,
+        positions=torch.from_numpy(pooled.xy_um.astype(np.float32)) if spatial else None,
+        windows=windows,
+        context=context,
+        targets_as_input="targets" in entry.needs,
     )
-    model = create_model(entry.name, pooled.features.shape[1], len(genes), **params)
     return model, params, data
 
 
@@ -424,3 +438,60 @@ def demo_config(out: str | os.PathLike = "gcmoe_demo", quick: bool = False) -> R
         config.train.max_epochs = 400
         config.train.patience = 30
     return config
+
+
+def train_model(config: RunConfig, model_name: str, progress: bool = True) -> Path:
+    """Train one model on all cells of the run (validation carved in spatial blocks) and save its folder.
+
+    The folder (``<out>/model``) holds safetensors weights and a JSON card with everything prediction needs:
+    genes, routing types, encoder and its pixel size, target transform, training data and validation PCC.
+    """
+    import torch
+
+    from gcmoe.config import to_dict
+    from gcmoe.data.genes import compute_targets, select_genes
+    from gcmoe.data.splits import carve_validation
+    from gcmoe.features import create_encoder
+    from gcmoe.models import get_model_entry
+    from gcmoe.training.checkpoint import save_model
+    from gcmoe.training.trainer import fit, seed_everything
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = _attach_log_file(out / "log.txt")
+    try:
+        entry = get_model_entry(model_name)
+        save_config(config, out / "config.yaml")
+        run = prepare_run(config, out, set(entry.needs), progress)
+        pooled = run.pooled
+        all_idx = np.arange(len(pooled.sample_ids))
+        train_parts, val_parts = [], []
+        for sid in dict.fromkeys(pooled.sample_ids):
+            tr, va = carve_validation(pooled.xy, all_idx[pooled.sample_ids == sid], config.train.val_fraction, config.train.seed)
+            train_parts.append(tr)
+            val_parts.append(va)
+        train_idx, val_idx = np.concatenate(train_parts), np.concatenate(val_parts)
+        genes = select_genes(pooled.counts, pooled.genes, train_idx, config.targets)
+        cols = np.array([pooled.genes.index(g) for g in genes])
+        targets_t = torch.from_numpy(np.ascontiguousarray(compute_targets(pooled.counts, config.targets)[:, cols]))
+        seed_everything(config.train.seed)
+        model, params, data = build_model(entry, run, genes, config, targets_t)
+        res = fit(model, data, train_idx, val_idx, config.train, progress=progress, description=entry.display_name)
+        encoder = create_encoder(config.features.encoder, weights=config.features.weights)
+        meta = {
+            "genes": genes,
+            "cell_types": run.routing.types if run.routing is not None else [],
+            "encoder": {"name": config.features.encoder, "target_mpp": encoder.config.target_mpp,
+                        "feature_dim": int(pooled.features.shape[1]), "weights": config.features.weights},
+            "neighbours": to_dict(config.neighbours) if "neighbours" in entry.needs else None,
+            "targets": to_dict(config.targets) | {"genes": genes},
+            "training_data": {"samples": sorted(set(pooled.sample_ids)), "n_cells": int(len(all_idx)),
+                              "n_train": int(len(train_idx)), "n_val": int(len(val_idx))},
+            "metrics": {"val_pcc": res.best_val_pcc, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run},
+            "gcmoe_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        return save_model(model, out / "model", entry.name, params, meta)
+    finally:
+        logging.getLogger("gcmoe").removeHandler(handler)
+        handler.close()

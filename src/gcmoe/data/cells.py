@@ -1,0 +1,146 @@
+"""Cell centres from the files segmentation tools write, in full-resolution H&E pixels.
+
+- CSV or parquet of centroids: columns ``x``/``y`` (or ``x_centroid``/``y_centroid``, ``centroid_x``/``centroid_y``),
+  optional ``cell_id``;
+- GeoJSON of nuclei (CellViT, QuPath): a FeatureCollection (or list) of Polygon / MultiPolygon / Point features,
+  one centre per feature (the polygon's area centroid);
+- HoVer-Net JSON: ``{"nuc": {id: {"centroid": [x, y], ...}}}``;
+- a label mask (.tif/.tiff/.png/.npy, integer labels, 0 = background, same size as the slide's level 0): one
+  centre per label (its centre of mass).
+
+The format is chosen by the file's extension and, for .json/.geojson, by its top-level structure; nothing is
+guessed from the path otherwise. Files are parsed as data: nothing is unpickled or executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from gcmoe.errors import InvalidSampleError
+
+X_COLUMNS = ("x", "x_centroid", "centroid_x", "he_x")
+Y_COLUMNS = ("y", "y_centroid", "centroid_y", "he_y")
+
+
+def read_cell_centres(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
+    """Centres (n, 2) float64 (x, y) in pixels and cell ids from a cell file (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidSampleError(f"cell file not found: {path}")
+    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
+    if suffix in (".csv", ".tsv", ".csv.gz", ".parquet"):
+        xy, ids = _read_table(path, suffix)
+    elif suffix in (".json", ".geojson"):
+        xy, ids = _read_json(path)
+    elif suffix in (".tif", ".tiff", ".png", ".npy"):
+        xy, ids = _read_mask(path, suffix)
+    else:
+        raise InvalidSampleError(
+            f"{path}: unknown cell file type {suffix!r}; give a CSV/parquet of centroids, a GeoJSON or HoVer-Net "
+            "JSON of nuclei, or a label mask (.tif/.png/.npy)"
+        )
+    if len(xy) == 0:
+        raise InvalidSampleError(f"{path} holds no cells")
+    if not np.all(np.isfinite(xy)):
+        raise InvalidSampleError(f"{path}: {int((~np.isfinite(xy)).any(axis=1).sum())} cell centres are NaN or infinite")
+    if len(set(ids)) != len(ids):
+        raise InvalidSampleError(f"{path}: cell ids are not unique")
+    return xy, ids
+
+
+def _read_table(path: Path, suffix: str) -> tuple[np.ndarray, list[str]]:
+    import pandas as pd
+
+    try:
+        if suffix == ".parquet":
+            df = pd.read_parquet(path)
+        else:
+            df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+    except Exception as exc:
+        raise InvalidSampleError(f"cannot read {path} as a table ({exc})") from exc
+    xcol = next((c for c in X_COLUMNS if c in df.columns), None)
+    ycol = next((c for c in Y_COLUMNS if c in df.columns), None)
+    if xcol is None or ycol is None:
+        raise InvalidSampleError(
+            f"{path}: no centroid columns; expected one of {X_COLUMNS} and one of {Y_COLUMNS} (pixels of the H&E), "
+            f"found {list(df.columns)[:20]}"
+        )
+    ids = [_as_str(v) for v in df["cell_id"]] if "cell_id" in df.columns else [f"cell_{i}" for i in range(len(df))]
+    return df[[xcol, ycol]].to_numpy(dtype=np.float64), ids
+
+
+def _as_str(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _polygon_centroid(ring: np.ndarray) -> tuple[np.ndarray, float]:
+    """Area centroid and area of a closed or open ring (n, 2) by the shoelace formula."""
+    x, y = ring[:, 0], ring[:, 1]
+    x1, y1 = np.roll(x, -1), np.roll(y, -1)
+    cross = x * y1 - x1 * y
+    area = cross.sum() / 2.0
+    if abs(area) < 1e-12:
+        return ring.mean(axis=0), 0.0
+    return np.array([((x + x1) * cross).sum(), ((y + y1) * cross).sum()]) / (6.0 * area), abs(area)
+
+
+def _geometry_centre(geom: dict) -> np.ndarray:
+    kind, coords = geom.get("type"), geom.get("coordinates")
+    if kind == "Point":
+        return np.asarray(coords[:2], dtype=np.float64)
+    if kind == "Polygon":
+        return _polygon_centroid(np.asarray(coords[0], dtype=np.float64)[:, :2])[0]
+    if kind == "MultiPolygon":
+        parts = [_polygon_centroid(np.asarray(p[0], dtype=np.float64)[:, :2]) for p in coords]
+        weights = np.array([a for _, a in parts])
+        centres = np.stack([c for c, _ in parts])
+        return centres.mean(axis=0) if weights.sum() == 0 else (centres * weights[:, None]).sum(0) / weights.sum()
+    raise InvalidSampleError(f"unsupported GeoJSON geometry {kind!r}; use Point, Polygon or MultiPolygon")
+
+
+def _read_json(path: Path) -> tuple[np.ndarray, list[str]]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidSampleError(f"{path} is not valid JSON ({exc})") from exc
+    if isinstance(data, dict) and "nuc" in data:  # HoVer-Net
+        items = list(data["nuc"].items())
+        return np.array([v["centroid"][:2] for _, v in items], dtype=np.float64), [str(k) for k, _ in items]
+    features = data.get("features") if isinstance(data, dict) else data
+    if not isinstance(features, list):
+        raise InvalidSampleError(f"{path}: expected a GeoJSON FeatureCollection, a list of features, or HoVer-Net JSON")
+    centres, ids = [], []
+    for i, feature in enumerate(features):
+        geom = feature.get("geometry", feature) if isinstance(feature, dict) else None
+        if not isinstance(geom, dict):
+            raise InvalidSampleError(f"{path}: feature {i} has no geometry")
+        centres.append(_geometry_centre(geom))
+        fid = feature.get("id", (feature.get("properties") or {}).get("id", f"cell_{i}"))
+        ids.append(str(fid))
+    return np.array(centres, dtype=np.float64).reshape(-1, 2), ids
+
+
+def _read_mask(path: Path, suffix: str) -> tuple[np.ndarray, list[str]]:
+    from scipy import ndimage as ndi
+
+    if suffix == ".npy":
+        mask = np.load(path, allow_pickle=False)
+    elif suffix in (".tif", ".tiff"):
+        import tifffile
+
+        mask = tifffile.imread(path)
+    else:
+        from skimage.io import imread
+
+        mask = imread(path)
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
+        raise InvalidSampleError(f"{path}: a label mask must be a 2-D integer image (0 = background), got {mask.dtype} {mask.shape}")
+    labels = np.unique(mask)
+    labels = labels[labels != 0]
+    cy, cx = np.asarray(ndi.center_of_mass(np.ones_like(mask, dtype=np.uint8), mask, labels)).reshape(-1, 2).T
+    return np.column_stack([cx, cy]), [str(int(v)) for v in labels]

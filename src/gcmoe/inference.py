@@ -1,0 +1,142 @@
+"""Prediction on a new slide: a trained model folder + an H&E image + cell centres -> an h5ad of predictions.
+
+The slide is read in tiles (features are extracted tile by tile, never loading the whole image), cells come
+from a file or from the built-in nuclei detector, and the output AnnData holds:
+
+- ``X``: predicted expression on the model's target scale (``uns["gcmoe"]["target"]``; by default log1p of
+  counts), genes in ``var_names``;
+- ``obsm["spatial"]``: cell centres (x, y) in full-resolution pixels of the slide;
+- ``obsm["routing"]`` and ``obs["expert"]`` (GC-MoE with a router): the router's probabilities over the routing
+  types (``uns["gcmoe"]["routing_types"]``) and the most probable one;
+- ``uns["gcmoe"]``: the model's card (name, genes, encoder, training data), the slide, its pixel size, the
+  cell source, and when it was made.
+
+The file is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from gcmoe import __version__
+from gcmoe._constants import Key
+from gcmoe.errors import InvalidSampleError
+
+log = logging.getLogger(__name__)
+
+MAX_RESAMPLING = 4.0  # slide mpp / model mpp beyond this factor (either way) is refused
+
+
+def predict_slide(
+    model_dir: str | os.PathLike,
+    slide: str | os.PathLike,
+    out: str | os.PathLike,
+    cells: str | os.PathLike | None = None,
+    detect: bool = False,
+    mpp: float | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device: str = "cpu",
+    batch_size: int = 4,
+    progress: bool = True,
+):
+    """Predict every cell of ``slide`` with the model in ``model_dir`` and write ``out`` (.h5ad).
+
+    Cells come from ``cells`` (see :func:`gcmoe.data.cells.read_cell_centres`) or, with ``detect``, from
+    :func:`gcmoe.data.detection.detect_nuclei`. ``mpp`` defaults to the TIFF's resolution tags. Returns the
+    AnnData written.
+    """
+    import anndata
+    import pandas as pd
+    import torch
+
+    from gcmoe.data.cells import read_cell_centres
+    from gcmoe.data.detection import detect_nuclei
+    from gcmoe.data.image import open_image, tiff_mpp
+    from gcmoe.data.sample import Sample
+    from gcmoe.features import extract_features
+    from gcmoe.features.neighbours import window_neighbours
+    from gcmoe.pipeline import write_h5ad
+    from gcmoe.training.checkpoint import load_model
+    from gcmoe.training.trainer import CellData, collect, predict
+
+    out = Path(out)
+    if out.suffix != ".h5ad":
+        raise InvalidSampleError(f"the prediction is written as .h5ad; got {out}")
+    if (cells is None) == (not detect):
+        raise InvalidSampleError("give exactly one source of cells: a cell file (--cells) or --detect")
+    model, meta = load_model(model_dir, device=device)
+    image = open_image(slide)
+    if mpp is None:
+        mpp = tiff_mpp(slide)
+        if mpp is None:
+            raise InvalidSampleError(f"{slide} carries no pixel size in its resolution tags: give --mpp (um per pixel)")
+    target_mpp = float(meta["encoder"]["target_mpp"])
+    factor = mpp / target_mpp
+    if not 1 / MAX_RESAMPLING <= factor <= MAX_RESAMPLING:
+        raise InvalidSampleError(
+            f"the slide's pixel size ({mpp} um/px) is {factor:.2f}x the model encoder's ({target_mpp} um/px); "
+            f"resampling by more than {MAX_RESAMPLING:g}x would invent or discard the detail the model was trained "
+            "on: scan or export the slide at a closer magnification (or check --mpp)"
+        )
+    if detect:
+        xy = detect_nuclei(image, mpp, progress=progress)
+        ids = [f"cell_{i}" for i in range(len(xy))]
+        source = "detect_nuclei"
+        if len(xy) == 0:
+            raise InvalidSampleError(f"no nuclei were detected in {slide}: is it an H&E image with tissue?")
+    else:
+        xy, ids = read_cell_centres(cells)
+        source = str(cells)
+    sample = Sample.from_arrays(
+        np.zeros((len(xy), 0), dtype=np.float32), xy, image, mpp, [], Path(slide).stem, cell_ids=ids,
+        provenance={"slide": str(slide), "cells": source},
+    )
+    feats = extract_features(sample, meta["encoder"]["name"], cache_dir=cache_dir, batch_size=batch_size, device=device,
+                             progress=progress, weights=meta["encoder"].get("weights"))
+    if feats.shape[1] != meta["in_dim"]:
+        raise InvalidSampleError(f"the encoder gave {feats.shape[1]} features, the model expects {meta['in_dim']}")
+    extra = {}
+    if meta.get("neighbours"):
+        nb = meta["neighbours"]
+        xy_um = sample.spatial * mpp
+        extra["neighbours"] = torch.from_numpy(window_neighbours(xy_um, nb["window_um"], nb["max_neighbours"]))
+        extra["positions"] = torch.from_numpy(xy_um.astype(np.float32))
+    data = CellData(torch.from_numpy(feats), torch.zeros(len(xy), 0), **extra)
+    idx = np.arange(len(xy))
+    prediction = predict(model, data, idx)
+    adata = anndata.AnnData(X=prediction.astype(np.float32), obs=pd.DataFrame(index=pd.Index(ids, dtype=str)))
+    adata.var_names = pd.Index(meta["genes"])
+    adata.obsm[Key.SPATIAL] = sample.spatial
+    types = list(meta.get("cell_types") or [])
+    if getattr(model, "moe", False):
+        routing = collect(model, data, idx, lambda m, b: m.compute(**b).routing)
+        adata.obsm["routing"] = routing.astype(np.float32)
+        adata.obs["expert"] = pd.Categorical.from_codes(routing.argmax(axis=1), categories=types)
+    adata.uns[Key.UNS] = _h5ad_safe({
+        "model": {k: meta[k] for k in ("model", "display_name", "genes", "encoder", "training_data", "metrics")
+                  if k in meta},
+        "routing_types": types,
+        "target": meta.get("targets", {}),
+        "slide": str(Path(slide).resolve()),
+        "mpp": float(mpp),
+        "cells": source,
+        "gcmoe_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    write_h5ad(adata, out)
+    log.info("predicted %d genes for %d cells; wrote %s", adata.n_vars, adata.n_obs, out)
+    return adata
+
+
+def _h5ad_safe(value):
+    """Drop None (h5ad cannot store it) and turn tuples into lists, recursively."""
+    if isinstance(value, dict):
+        return {str(k): _h5ad_safe(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_h5ad_safe(v) for v in value if v is not None]
+    return value

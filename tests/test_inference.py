@@ -1,0 +1,62 @@
+"""gcmoe predict: a trained model folder + a bare H&E image -> an h5ad of predictions."""
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from gcmoe.cli import app
+from gcmoe.config import RunConfig, TissueConfig
+from gcmoe.data.virtual_tissue import simulate_tissue
+from gcmoe.errors import InvalidSampleError
+from gcmoe.inference import predict_slide
+from gcmoe.pipeline import train_model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    cfg = RunConfig(out=str(root / "train"))
+    cfg.data.tissue = TissueConfig(n_cells=600, height=500, width=500, n_genes=60, n_reference_cells=300, seed=3)
+    cfg.train.max_epochs = 3
+    cfg.targets.n_top_genes = 15
+    folder = train_model(cfg, "gcmoe", progress=False)
+    new = simulate_tissue(TissueConfig(n_cells=400, height=450, width=450, n_genes=60, n_reference_cells=200, seed=8))
+    new.sample.write(root / "new" / "slide.h5ad")
+    xy = new.sample.spatial
+    pd.DataFrame({"cell_id": new.sample.adata.obs_names, "x": xy[:, 0], "y": xy[:, 1]}).to_csv(root / "cells.csv", index=False)
+    return folder, root
+
+
+@pytest.mark.slow
+def test_predict_writes_documented_fields(trained, tmp_path):
+    folder, root = trained
+    out = tmp_path / "pred.h5ad"
+    result = CliRunner().invoke(app, ["predict", "--model", str(folder), "--slide", str(root / "new" / "slide.tif"),
+                                      "--cells", str(root / "cells.csv"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    ad = anndata.read_h5ad(out)
+    assert ad.n_obs == 400 and ad.n_vars == 15
+    assert ad.obsm["spatial"].shape == (400, 2) and ad.obsm["routing"].shape == (400, 4)
+    np.testing.assert_allclose(ad.obsm["routing"].sum(1), 1, atol=1e-5)
+    assert set(ad.obs["expert"].cat.categories) == {"neoplastic", "inflammatory", "connective", "epithelial"}
+    assert ad.uns["gcmoe"]["mpp"] == 0.5 and ad.uns["gcmoe"]["model"]["model"] == "gcmoe"
+    assert np.isfinite(ad.X).all()
+
+
+@pytest.mark.slow
+def test_predict_with_detection(trained, tmp_path):
+    folder, root = trained
+    ad = predict_slide(folder, root / "new" / "slide.tif", tmp_path / "p.h5ad", detect=True, progress=False)
+    assert 200 < ad.n_obs < 600
+
+
+@pytest.mark.slow
+def test_pixel_size_far_from_the_models_is_refused(trained, tmp_path):
+    folder, root = trained
+    with pytest.raises(InvalidSampleError, match="resampling"):
+        predict_slide(folder, root / "new" / "slide.tif", tmp_path / "p.h5ad", cells=root / "cells.csv", mpp=4.0,
+                      progress=False)
+    with pytest.raises(InvalidSampleError, match="exactly one source of cells"):
+        predict_slide(folder, root / "new" / "slide.tif", tmp_path / "p.h5ad", progress=False)
