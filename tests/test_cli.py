@@ -72,3 +72,18 @@ def test_cv_unknown_model_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["cv", "--models", "nope", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2
     assert "unknown model 'nope'" in result.output and "stnet" in result.output
+
+
+@pytest.mark.slow
+def test_prior_command_prints_summary(tmp_path):
+    data = tmp_path / "tissue"
+    assert runner.invoke(app, ["simulate", "--out", str(data), "--n-cells", "400", "--height", "500", "--width", "500",
+                               "--n-genes", "60"]).exit_code == 0
+    result = runner.invoke(app, ["prior", "--reference", str(data / "reference.h5ad"), "--sample",
+                                 str(data / "virtual_tissue.h5ad"), "--out", str(tmp_path / "prior.npz")])
+    assert result.exit_code == 0, result.output
+    assert "neoplastic" in result.output and "edges" in result.output and "Jaccard" in result.output
+    from gcmoe.prior.coexpression import CoexpressionPrior
+
+    prior = CoexpressionPrior.load(tmp_path / "prior.npz")
+    assert prior.types == ["neoplastic", "inflammatory", "connective", "epithelial"] and len(prior.genes) == 60

@@ -149,6 +149,7 @@ def prior(
     import anndata
     import yaml
 
+    from gcmoe.data.cell_types import ordered_types
     from gcmoe.prior.coexpression import build_coexpression_prior
 
     try:
@@ -163,10 +164,10 @@ def prior(
         if types:
             routing = [t.strip() for t in types.split(",")]
         elif type_map:
-            routing = list(dict.fromkeys(type_map.values()))
+            routing = ordered_types(type_map.values())
         else:
-            routing = list(dict.fromkeys(dict(ref.uns.get("gcmoe", {}).get("type_mapping", {})).values())) or sorted(
-                set(ref.obs[type_key].astype(str)))
+            routing = ordered_types(dict(ref.uns.get("gcmoe", {}).get("type_mapping", {})).values()) or ordered_types(
+                ref.obs[type_key].astype(str))
         result = build_coexpression_prior(ref, names, routing, type_key=type_key, mapping=type_map, tau=tau)
         result.save(out)
     except GcmoeError as exc:
@@ -175,6 +176,10 @@ def prior(
     typer.echo(f"wrote {out}: {summary['n_genes']} genes, tau {tau}, {len(summary['missing_genes'])} genes missing from the reference")
     for t, v in summary["types"].items():
         typer.echo(f"  {t:14s} {v['reference_cells']:6d} cells  {v['edges']:6d} edges  {v['genes_covered']:4d} genes covered")
+    typer.echo("edge overlap between types (Jaccard):")
+    names = list(summary["types"])
+    for t, row in zip(names, summary["edge_jaccard_between_types"]):
+        typer.echo(f"  {t:14s} " + " ".join(f"{v:5.2f}" for v in row))
 
 
 @app.command("predict")

@@ -26,7 +26,7 @@ import scipy.sparse as sp
 
 from gcmoe import __version__
 from gcmoe._constants import Key
-from gcmoe.config import PAPER_CELL_TYPES, RunConfig, TargetConfig, TissueConfig, save_config
+from gcmoe.config import RunConfig, TargetConfig, TissueConfig, save_config
 from gcmoe.data.sample import Sample
 from gcmoe.errors import ConfigError, InvalidSampleError
 
@@ -135,7 +135,7 @@ def pool_cells(samples: list[Sample], name: str, features: list[np.ndarray], tar
 def routing_labels(pooled: PooledCells, reference, config: RunConfig) -> Routing:
     """Routing types and labels: ``obs["cell_type"]`` when present (and asked for), else transferred from the
     reference. When both are available the transfer's agreement with the true labels is reported."""
-    from gcmoe.data.cell_types import label_agreement, transfer_labels
+    from gcmoe.data.cell_types import label_agreement, ordered_types, transfer_labels
 
     mode = config.data.routing_labels
     if mode == "auto":
@@ -162,8 +162,7 @@ def routing_labels(pooled: PooledCells, reference, config: RunConfig) -> Routing
                 "types, prior.mapping"
             )
         labels = transferred
-    present = list(dict.fromkeys(labels))
-    types = [t for t in PAPER_CELL_TYPES if t in present] + sorted(t for t in present if t not in PAPER_CELL_TYPES)
+    types = ordered_types(labels)
     codes = np.array([types.index(t) for t in labels], dtype=np.int64)
     report["types"] = types
     report["cells_per_type"] = {t: int((codes == i).sum()) for i, t in enumerate(types)}
@@ -302,6 +301,8 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         for k, fold in enumerate(folds):
             genes = select_genes(pooled.counts, pooled.genes, fold.train, config.targets)
             n_genes_eval.append(len(genes))
+            if k == 0 and "coexpression" in needs:
+                prior_summary = _build_prior(run.reference, genes, routing, config, pooled).summary()
             cols = np.array([pooled.genes.index(g) for g in genes])
             targets_t = torch.from_numpy(np.ascontiguousarray(targets_all[:, cols]))
             true_test = targets_all[np.ix_(fold.test, cols)]
@@ -349,6 +350,8 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         }
         if routing is not None:
             dataset["routing"] = routing.report
+        if "coexpression" in needs:
+            dataset["prior"] = prior_summary | {"note": "co-expression graphs of fold 1's genes"}
         results = {
             "datasets": {pooled.name: dataset},
             "gcmoe_version": __version__,

@@ -28,6 +28,14 @@ class Annotation:
     n_genes: int  # shared genes used
 
 
+def ordered_types(names) -> list[str]:
+    """Routing types in a stable order: the paper's four first (in its order), then the others alphabetically."""
+    from gcmoe.config import PAPER_CELL_TYPES
+
+    present = list(dict.fromkeys(str(n) for n in names))
+    return [t for t in PAPER_CELL_TYPES if t in present] + sorted(t for t in present if t not in PAPER_CELL_TYPES)
+
+
 def transfer_labels(
     counts: np.ndarray | sp.spmatrix,
     genes: Sequence[str],
