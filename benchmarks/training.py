@@ -37,12 +37,24 @@ def one(n_cells: int, dim: int, n_genes: int, epochs: int, model: str) -> dict:
     y = (np.tanh(x @ w) + 0.5 * rng.normal(size=(n_cells, n_genes))).astype(np.float32)
     needs = get_model_entry(model).needs
     extra, params = {}, {}
-    if "neighbours" in needs:
+    m = create_model(model, dim, n_genes, **params) if needs & {"windows", "context"} else None  # its geometry
+    if needs & {"neighbours", "windows", "context"}:
         # cells scattered at breast-tissue density (~1 per 100 um^2): about 30 of 32 window slots filled
         side = np.sqrt(n_cells * 100.0)
         pos = rng.uniform(0, side, size=(n_cells, 2))
-        extra["neighbours"] = torch.from_numpy(window_neighbours(pos, 64.0, 32))
         extra["positions"] = torch.from_numpy(pos.astype(np.float32))
+    if "neighbours" in needs:
+        extra["neighbours"] = torch.from_numpy(window_neighbours(pos, 64.0, 32))
+    if "windows" in needs:
+        from gcmoe.features.context import tile_windows
+
+        extra["windows"] = tile_windows(pos, m.window_um, m.max_window_cells)
+    if "context" in needs:
+        from gcmoe.features.context import context_grid
+
+        extra["context"] = context_grid(pos, m.context_um, m.context_size)
+    if "targets" in needs:
+        extra["targets_as_input"] = True
     if "cell_types" in needs:
         extra["cell_type"] = torch.from_numpy(rng.integers(0, 4, n_cells))
     if "coexpression" in needs:

@@ -11,6 +11,17 @@ def test_every_registered_model_builds_and_predicts():
         "neighbour_offsets": torch.randn(16, 4, 2),
         "neighbour_mask": torch.ones(16, 4, dtype=torch.bool),
         "cell_type": torch.zeros(16, dtype=torch.long),
+        # HisToGene*'s windows: 3 windows of up to 10 cells; cell b sits in window b % 3, column b // 3
+        "window_features": torch.randn(3, 10, 8),
+        "window_offsets": torch.randn(3, 10, 2) * 50,
+        "window_mask": torch.arange(10).expand(3, 10) < torch.tensor([[6], [5], [5]]),
+        "window_index": torch.arange(16) % 3,
+        "window_slot": torch.arange(16) // 3,
+        # TRIPLEX*'s context grid: 3 x 3 squares, the own square (middle) always present
+        "context_features": torch.randn(16, 9, 8),
+        "context_offsets": torch.randn(16, 9, 2) * 100,
+        "context_mask": torch.ones(16, 9, dtype=torch.bool),
+        "targets": torch.randn(16, 5),
     }
     for name in list_models():
         model = create_model(name, in_dim=8, n_genes=5)

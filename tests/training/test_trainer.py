@@ -49,3 +49,38 @@ def test_seeded_runs_are_identical():
     a, b = models
     for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
         assert torch.equal(pa, pb)
+
+
+def test_grouped_batches_keep_groups_whole():
+    from gcmoe.training.trainer import _batches
+
+    groups = torch.from_numpy(np.random.default_rng(0).integers(0, 40, 1000))
+    gen = torch.Generator().manual_seed(0)
+    batches = _batches(1000, 128, gen, groups)
+    assert sorted(torch.cat(batches).tolist()) == list(range(1000))  # every cell once
+    owner = {}
+    for b, batch in enumerate(batches):
+        for g in groups[batch].unique().tolist():
+            assert owner.setdefault(g, b) == b  # a group never spans two batches
+    assert len(batches) == round(1000 / 128) and min(len(b) for b in batches) > 40
+    # without groups the shuffle is the plain one (seeded runs of the other models are unchanged)
+    plain = _batches(1000, 128, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.cat(plain), torch.randperm(1000, generator=torch.Generator().manual_seed(0)))
+
+
+def test_fit_calls_the_model_hooks_with_training_cells():
+    from gcmoe.models.stnet import STNet
+
+    calls = []
+
+    class Recording(STNet):
+        def on_validation_start(self, data, train_idx):
+            calls.append(("validation", len(train_idx)))
+
+        def on_fit_end(self, data, train_idx):
+            calls.append(("end", len(train_idx)))
+
+    data = _data(n=300)
+    idx = np.arange(300)
+    fit(Recording(6, 4), data, idx[:200], idx[200:], TrainConfig(max_epochs=3, patience=5))
+    assert calls == [("validation", 200)] * 3 + [("end", 200)]

@@ -37,3 +37,10 @@ class CellModel(nn.Module):
 
     def standardize(self, features: Tensor) -> Tensor:
         return (features - self.feature_mean) / self.feature_std
+
+    def on_validation_start(self, data, train_idx) -> None:
+        """Called by the trainer before each validation pass with the run's ``CellData`` and the training
+        cells (e.g. to rebuild a memory bank from them with the current weights). No-op by default."""
+
+    def on_fit_end(self, data, train_idx) -> None:
+        """Called by the trainer once the best weights are restored. No-op by default."""

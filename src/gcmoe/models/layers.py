@@ -128,3 +128,63 @@ class ExpertGCN(nn.Module):
     def forward(self, norm_adjacency: Tensor) -> Tensor:
         h = torch.relu(torch.bmm(norm_adjacency, torch.bmm(self.embedding, self.theta1)))
         return torch.bmm(norm_adjacency, torch.bmm(h, self.theta2))
+
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention block (ViT-style), over padded token sets:
+
+        x <- x + drop(W_o MHA(LN(x)))      keys restricted to the valid tokens
+        x <- x + drop(MLP(LN(x)))          MLP = Linear -> GELU -> Linear
+
+    Attention weights are not dropped (dropout acts on the residual branches only), which keeps the
+    per-token cost low on CPU. With ``query`` set, only that token is updated and returned (the last block of
+    an encoder whose other outputs are not used).
+
+    Shapes: x (B, T, E), mask (B, T) True = valid -> (B, T, E), or (B, 1, E) with ``query``.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"the token width {dim} must be a multiple of the number of heads {heads}")
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor, query: int | None = None) -> Tensor:
+        b, t, e = x.shape
+        h = self.norm1(x)
+        weight, bias = self.qkv.weight.split([e, 2 * e]), self.qkv.bias.split([e, 2 * e])
+        if query is not None:
+            x = x[:, query : query + 1]
+            h_q = h[:, query : query + 1]
+        else:
+            h_q = h
+        q = F.linear(h_q, weight[0], bias[0]).view(b, -1, self.heads, e // self.heads).transpose(1, 2)
+        k, v = F.linear(h, weight[1], bias[1]).view(b, t, 2, self.heads, e // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, -1, e)))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class TransformerEncoder(nn.Module):
+    """``depth`` :class:`TransformerBlock` s. With ``query`` set, returns only that token's output (B, E).
+
+    Shapes: x (B, T, E), mask (B, T) True = valid -> (B, T, E), or (B, E) with ``query``.
+    """
+
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 2.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, int(dim * mlp_ratio), dropout) for _ in range(depth))
+
+    def forward(self, x: Tensor, mask: Tensor, query: int | None = None) -> Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, query if i == len(self.blocks) - 1 else None)
+        if query is None:
+            return x
+        return x[:, 0] if self.blocks else x[:, query]

@@ -19,7 +19,10 @@ class ModelEntry:
     factory: Callable[..., Any]
     description: str
     # What the run must supply beyond cell features: "neighbours" (C2CA windows), "cell_types" (routing
-    # labels and K), "coexpression" (CAP graphs from the reference). The pipeline reads this.
+    # labels and K), "coexpression" (CAP graphs from the reference), "windows" (overlapping windows tiling
+    # each slide, with the model's ``window_um`` and ``max_window_cells``), "context" (a grid of context
+    # squares, with the model's ``context_um`` and ``context_size``), "targets" (the measured targets of the
+    # training batch as an input, for contrastive or multi-view losses). The pipeline reads this.
     needs: frozenset[str] = frozenset()
 
 
@@ -43,7 +46,7 @@ def register_model(
 
 
 def _load_builtin() -> None:
-    from gcmoe.models import gcmoe, stnet  # noqa: F401  (register on import)
+    from gcmoe.models import bleep, gcmoe, histogene, stnet, triplex  # noqa: F401  (register on import)
 
 
 def list_models() -> list[str]:

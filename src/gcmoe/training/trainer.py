@@ -3,6 +3,11 @@
 Each epoch shuffles the training cells (seeded), steps Adam on L_exp (+ the model's weighted auxiliary
 losses), then scores the validation cells by mean per-gene PCC. Training stops after ``patience`` epochs
 without an improvement of at least ``min_delta``, and the weights of the best epoch are restored.
+
+Two hooks let a model use its training cells beyond the loss (BLEEP*'s memory bank): ``fit`` calls
+``model.on_validation_start(data, train_idx)`` before each validation pass and ``model.on_fit_end(data,
+train_idx)`` once the best weights are restored (both no-ops in :class:`CellModel`). When ``CellData.groups``
+is set (HisToGene*'s windows), a training batch is made of whole groups instead of single cells.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import Tensor
 
 from gcmoe.config import TrainConfig
 from gcmoe.evaluation.metrics import pearson_per_gene
+from gcmoe.features.context import ContextGrid, WindowTiling
 from gcmoe.models.base import CellModel
 from gcmoe.models.losses import expression_loss
 
@@ -29,10 +35,15 @@ log = logging.getLogger(__name__)
 class CellData:
     """Per-cell tensors of a run, indexed by cell.
 
-    ``features`` (N, D) and ``targets`` (N, G) always; ``neighbours`` (N, M) long with -1 padding and
-    ``positions`` (N, 2) micrometres when a model attends to neighbours (their features are gathered from
-    ``features`` by index, offsets computed from ``positions``); ``cell_type`` (N,) long with -1 = unknown,
-    passed to the model during training only.
+    ``features`` (N, D) and ``targets`` (N, G) always; ``neighbours`` (N, M) long with -1 padding when a model
+    attends to neighbours (their features are gathered from ``features`` by index, offsets computed from
+    ``positions``); ``cell_type`` (N,) long with -1 = unknown, passed to the model during training only.
+    ``windows`` (a :class:`~gcmoe.features.context.WindowTiling`) and ``context`` (a
+    :class:`~gcmoe.features.context.ContextGrid`) give the wider contexts of HisToGene* and TRIPLEX*; like
+    neighbours they hold indices, and features are gathered per batch. ``positions`` (N, 2) micrometres go
+    with any of the three. ``groups`` (N,) long: cells of one group share their training batch (default: the
+    owning window when ``windows`` is given). ``targets_as_input``: the model also receives the measured
+    ``targets`` of its training batch (contrastive or multi-view losses); never at prediction.
     """
 
     features: Tensor
@@ -40,15 +51,37 @@ class CellData:
     cell_type: Tensor | None = None
     neighbours: Tensor | None = None
     positions: Tensor | None = None
+    windows: WindowTiling | None = None
+    context: ContextGrid | None = None
+    groups: Tensor | None = None
+    targets_as_input: bool = False
 
     def __post_init__(self) -> None:
         n = self.features.shape[0]
-        for name in ("targets", "cell_type", "neighbours", "positions"):
+        for name in ("targets", "cell_type", "neighbours", "positions", "groups"):
             value = getattr(self, name)
             if value is not None and value.shape[0] != n:
                 raise ValueError(f"{name} has {value.shape[0]} rows, features {n}: one row per cell is needed")
-        if (self.neighbours is None) != (self.positions is None):
-            raise ValueError("neighbours and positions go together")
+        spatial = [k for k in ("neighbours", "windows", "context") if getattr(self, k) is not None]
+        if bool(spatial) != (self.positions is not None):
+            raise ValueError("positions go with neighbours, windows or context (and only with them)")
+        if self.windows is not None:
+            w = self.windows
+            if len(w.cell_window) != n:
+                raise ValueError(f"the window tiling covers {len(w.cell_window)} cells, features {n}")
+            self._win_members = torch.as_tensor(w.members, dtype=torch.long)
+            self._win_centres = torch.as_tensor(w.centres, dtype=torch.float32)
+            self._cell_window = torch.as_tensor(w.cell_window, dtype=torch.long)
+            self._cell_slot = torch.as_tensor(w.cell_slot, dtype=torch.long)
+            if self.groups is None:
+                self.groups = self._cell_window
+        if self.context is not None:
+            c = self.context
+            if len(c.context) != n:
+                raise ValueError(f"the context grid covers {len(c.context)} cells, features {n}")
+            self._ctx_index = torch.as_tensor(c.context, dtype=torch.long)
+            self._ctx_features = torch.from_numpy(c.mean_features(self.features.float().numpy()))
+            self._ctx_centres = torch.as_tensor(c.centres, dtype=torch.float32)
 
     def inputs(self, idx: Tensor, train: bool) -> dict[str, Tensor]:
         """The model's keyword inputs for cells ``idx``."""
@@ -61,9 +94,39 @@ class CellData:
             own = self.positions.index_select(0, idx).unsqueeze(1)
             batch["neighbour_offsets"] = self.positions.index_select(0, flat).reshape(*nbr.shape, 2) - own
             batch["neighbour_mask"] = mask
+        if self.windows is not None:
+            batch.update(self._window_inputs(idx))
+        if self.context is not None:
+            ctx = self._ctx_index.index_select(0, idx)  # (B, R)
+            flat = ctx.clamp(min=0).reshape(-1)
+            batch["context_features"] = self._ctx_features.index_select(0, flat).reshape(*ctx.shape, -1)
+            own = self.positions.index_select(0, idx).unsqueeze(1)
+            batch["context_offsets"] = self._ctx_centres.index_select(0, flat).reshape(*ctx.shape, 2) - own
+            batch["context_mask"] = ctx >= 0
         if train and self.cell_type is not None:
             batch["cell_type"] = self.cell_type.index_select(0, idx)
+        if train and self.targets_as_input:
+            batch["targets"] = self.targets.index_select(0, idx)
         return batch
+
+    def _window_inputs(self, idx: Tensor) -> dict[str, Tensor]:
+        """The windows owning cells ``idx``, each once: their members' features and offsets from the window
+        centre (U, T, ...), and for each cell its window's row (``window_index``) and its own column."""
+        owner = self._cell_window.index_select(0, idx)
+        windows, row = torch.unique(owner, return_inverse=True)
+        members = self._win_members.index_select(0, windows)  # (U, T_max)
+        mask = members >= 0
+        width = int(mask.sum(1).max())  # windows are filled from the left
+        members, mask = members[:, :width], mask[:, :width]
+        flat = members.clamp(min=0).reshape(-1)
+        centres = self._win_centres.index_select(0, windows).unsqueeze(1)
+        return {
+            "window_features": self.features.index_select(0, flat).reshape(*members.shape, -1),
+            "window_offsets": self.positions.index_select(0, flat).reshape(*members.shape, 2) - centres,
+            "window_mask": mask,
+            "window_index": row,
+            "window_slot": self._cell_slot.index_select(0, idx),
+        }
 
 
 @dataclass
@@ -107,11 +170,22 @@ def predict(model: CellModel, data: CellData, idx: np.ndarray, batch_size: int =
     return collect(model, data, idx, lambda m, b: m(**b).prediction, batch_size)
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
-    """A seeded shuffle of range(n) in near-equal batches of about ``batch_size`` (none tiny)."""
+def _batches(n: int, batch_size: int, generator: torch.Generator, groups: Tensor | None = None) -> list[Tensor]:
+    """A seeded shuffle of range(n) in near-equal batches of about ``batch_size`` (none tiny).
+
+    With ``groups`` (n,), the groups are shuffled and each batch holds whole groups: batches are cut at the
+    group boundary nearest to each multiple of n / n_batches.
+    """
     perm = torch.randperm(n, generator=generator)
     n_batches = max(1, round(n / batch_size))
-    return list(torch.tensor_split(perm, n_batches))
+    if groups is None:
+        return list(torch.tensor_split(perm, n_batches))
+    _, code = torch.unique(groups, return_inverse=True)
+    group_rank = torch.randperm(int(code.max()) + 1, generator=generator)[code]
+    order = perm[torch.argsort(group_rank[perm], stable=True)]  # groups in random order, cells shuffled within
+    ends = torch.cumsum(torch.bincount(group_rank, minlength=int(group_rank.max()) + 1), 0).numpy()
+    cuts = sorted({int(ends[np.abs(ends - n * b / n_batches).argmin()]) for b in range(1, n_batches)} - {0, n})
+    return list(torch.tensor_split(order, cuts))
 
 
 def fit(
@@ -137,6 +211,7 @@ def fit(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     val_true = data.targets[torch.as_tensor(np.asarray(val_idx), dtype=torch.long)].numpy()
+    train_groups = data.groups.index_select(0, train_t) if data.groups is not None else None
 
     best_state: Mapping[str, Tensor] = copy.deepcopy(model.state_dict())
     best_pcc, best_epoch, stale = -np.inf, 0, 0
@@ -150,7 +225,7 @@ def fit(
             model.train()
             t0 = time.perf_counter()
             total, n_seen = 0.0, 0
-            for batch_pos in _batches(len(train_t), config.batch_size, generator):
+            for batch_pos in _batches(len(train_t), config.batch_size, generator, train_groups):
                 idx = train_t[batch_pos]
                 batch = {k: v.to(device, non_blocking=True) for k, v in data.inputs(idx, train=True).items()}
                 target = data.targets.index_select(0, idx).to(device)
@@ -164,6 +239,7 @@ def fit(
                 total += float(loss.detach()) * len(idx)
                 n_seen += len(idx)
             train_seconds += time.perf_counter() - t0
+            model.on_validation_start(data, train_idx)
             r = pearson_per_gene(predict(model, data, val_idx), val_true)
             val_pcc = float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
             history.append({"epoch": epoch, "train_loss": total / max(n_seen, 1), "val_pcc": val_pcc})
@@ -180,6 +256,7 @@ def fit(
         if bar is not None:
             bar[0].stop()
     model.load_state_dict(best_state)
+    model.on_fit_end(data, train_idx)
     seconds = time.perf_counter() - start
     log.info("%s: best epoch %d (val PCC %.4f) of %d, %.1f s", description, best_epoch, best_pcc, epoch, seconds)
     return FitResult(
