@@ -60,3 +60,24 @@ def test_pixel_size_far_from_the_models_is_refused(trained, tmp_path):
                       progress=False)
     with pytest.raises(InvalidSampleError, match="exactly one source of cells"):
         predict_slide(folder, root / "new" / "slide.tif", tmp_path / "p.h5ad", progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["stnet", "histogene", "bleep", "triplex"])
+def test_predict_with_every_baseline(tmp_path, name):
+    root = tmp_path
+    cfg = RunConfig(out=str(root / "train"))
+    cfg.data.tissue = TissueConfig(n_cells=300, height=400, width=400, n_genes=60, n_reference_cells=200, seed=3)
+    cfg.train.max_epochs = 2
+    cfg.targets.n_top_genes = 10
+    folder = train_model(cfg, name, progress=False)
+    ad = predict_slide(folder, root / "train" / "data" / "virtual_tissue.tif", root / "p.h5ad",
+                       cells=_cells_csv(root), progress=False)
+    assert ad.n_obs == 300 and ad.n_vars == 10 and np.isfinite(ad.X).all()
+
+
+def _cells_csv(root):
+    ad = anndata.read_h5ad(root / "train" / "data" / "virtual_tissue.h5ad")
+    xy = ad.obsm["spatial"]
+    pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1]}).to_csv(root / "cells.csv", index=False)
+    return root / "cells.csv"

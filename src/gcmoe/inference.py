@@ -59,7 +59,9 @@ def predict_slide(
     from gcmoe.data.image import open_image, tiff_mpp
     from gcmoe.data.sample import Sample
     from gcmoe.features import extract_features
+    from gcmoe.features.context import context_grid, tile_windows
     from gcmoe.features.neighbours import window_neighbours
+    from gcmoe.models import get_model_entry
     from gcmoe.pipeline import write_h5ad
     from gcmoe.training.checkpoint import load_model
     from gcmoe.training.trainer import CellData, collect, predict
@@ -100,11 +102,17 @@ def predict_slide(
                              progress=progress, weights=meta["encoder"].get("weights"))
     if feats.shape[1] != meta["in_dim"]:
         raise InvalidSampleError(f"the encoder gave {feats.shape[1]} features, the model expects {meta['in_dim']}")
+    needs = get_model_entry(meta["model"]).needs
+    xy_um = sample.spatial * mpp
     extra = {}
-    if meta.get("neighbours"):
+    if "neighbours" in needs:
         nb = meta["neighbours"]
-        xy_um = sample.spatial * mpp
         extra["neighbours"] = torch.from_numpy(window_neighbours(xy_um, nb["window_um"], nb["max_neighbours"]))
+    if "windows" in needs:
+        extra["windows"] = tile_windows(xy_um, model.window_um, model.max_window_cells)
+    if "context" in needs:
+        extra["context"] = context_grid(xy_um, model.context_um, model.context_size)
+    if needs & {"neighbours", "windows", "context"}:
         extra["positions"] = torch.from_numpy(xy_um.astype(np.float32))
     data = CellData(torch.from_numpy(feats), torch.zeros(len(xy), 0), **extra)
     idx = np.arange(len(xy))
