@@ -121,7 +121,7 @@ def main() -> None:
     md = [
         f"# Training speed: {args.model}",
         "",
-        f"Command: `.venv/bin/python benchmarks/training.py --sizes {' '.join(map(str, args.sizes))} --epochs {args.epochs}`",
+        f"Command: `.venv/bin/python benchmarks/training.py --sizes {' '.join(map(str, args.sizes))} --epochs {args.epochs} --model {args.model}`",
         "",
         f"{args.dim} features, {args.genes} genes, batch 1,024, Adam, CPU; cells/s counts optimisation steps only. "
         "Neighbours (GC-MoE with C2CA): random positions at ~1 cell / 100 um^2, window 64 um, at most 32.",

@@ -91,3 +91,10 @@ def test_baselines_train_save_and_reload(tmp_path, name):
     _, _, data = build_model(entry, run, meta["genes"], cfg, torch.zeros(n, 20))
     pred = predict(model, data, np.arange(n))
     assert pred.shape == (n, 20) and np.isfinite(pred).all()
+
+
+def test_all_models_in_table_order():
+    from gcmoe.models.registry import models_in_table_order
+
+    names = models_in_table_order()
+    assert names[0] == "stnet" and names[-1] == "gcmoe" and {"histogene", "bleep", "triplex"} <= set(names)

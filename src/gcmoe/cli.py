@@ -77,7 +77,7 @@ def demo(
 def cv(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML settings file (see docs/configuration.md).")] = None,
     data: Annotated[Optional[list[Path]], typer.Option("--data", help="A Sample .h5ad written by gcmoe; repeat for several slides.")] = None,
-    models: Annotated[Optional[str], typer.Option(help="Comma-separated model names, e.g. stnet,gcmoe.")] = None,
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated model names (gcmoe list models), or all.")] = None,
     reference: Annotated[Optional[Path], typer.Option(help="Labelled reference scRNA-seq .h5ad (GC-MoE's priors).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (overrides the file's).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,

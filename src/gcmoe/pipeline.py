@@ -278,14 +278,15 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     from gcmoe.data.genes import compute_targets, select_genes
     from gcmoe.data.splits import make_folds
     from gcmoe.evaluation.metrics import score_genes, summarize_folds
-    from gcmoe.models import get_model_entry
+    from gcmoe.models.registry import get_model_entry, models_in_table_order
     from gcmoe.training.trainer import collect, fit, predict, seed_everything
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     handler = _attach_log_file(out / "log.txt")
     try:
-        entries = [get_model_entry(m) for m in config.models]  # fail early on an unknown name
+        names = models_in_table_order() if config.models == ["all"] else config.models
+        entries = [get_model_entry(m) for m in names]  # fail early on an unknown name
         needs = set().union(*(e.needs for e in entries)) if entries else set()
         save_config(config, out / "config.yaml")
         started = time.perf_counter()

@@ -49,6 +49,15 @@ def _load_builtin() -> None:
     from gcmoe.models import bleep, gcmoe, histogene, stnet, triplex  # noqa: F401  (register on import)
 
 
+# the order of methods in tables (the paper's Table 1, then the ablations of Table 2, the full model last)
+TABLE_ORDER = ("stnet", "histogene", "bleep", "triplex", "gcmoe_no_moe_cap_c2ca", "gcmoe_no_cap_c2ca", "gcmoe_no_c2ca", "gcmoe")
+
+
+def models_in_table_order() -> list[str]:
+    """Every registered model, in the tables' order (unlisted names after, alphabetically)."""
+    return sorted(list_models(), key=lambda n: (TABLE_ORDER.index(n) if n in TABLE_ORDER else len(TABLE_ORDER), n))
+
+
 def list_models() -> list[str]:
     """Names of all registered models."""
     _load_builtin()
