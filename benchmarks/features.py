@@ -22,22 +22,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import peak_rss_mb as _ru_maxrss_mb  # noqa: E402
+from _common import peak_rss_mb  # noqa: E402
 from _common import write  # noqa: E402
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process's address space, MiB.
-
-    VmHWM from /proc (Linux): unlike getrusage's ru_maxrss it does not carry over the parent's peak into
-    a child started with fork + exec.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return _ru_maxrss_mb()
 
 
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])

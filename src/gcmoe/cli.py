@@ -51,6 +51,24 @@ def _print_table(results: dict, out: Path) -> None:
     console.print(f"Results written to [bold]{out}[/bold] (results.md, results.json, per_gene.csv, config.yaml, log.txt)")
 
 
+def _run_config(config: Path | None, data: list[Path] | None, reference: Path | None, out: Path | None,
+                models: str | None = None):
+    """Settings from the YAML file (or the defaults), overridden by the command-line flags."""
+    from gcmoe.config import RunConfig, load_config
+
+    run_config = load_config(config) if config else RunConfig()
+    if data:
+        run_config.data.source = "samples"
+        run_config.data.samples = [str(p) for p in data]
+    if reference:
+        run_config.data.reference = str(reference)
+    if models:
+        run_config.models = [m.strip() for m in models.split(",") if m.strip()]
+    if out:
+        run_config.out = str(out)
+    return run_config
+
+
 def _fail(exc: GcmoeError) -> None:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -84,20 +102,10 @@ def cv(
 ) -> None:
     """Cross-validated comparison of models on a virtual tissue or on Samples; writes results.md/json."""
     _setup_logging(verbose)
-    from gcmoe.config import RunConfig, load_config
     from gcmoe.pipeline import run_cv
 
     try:
-        run_config = load_config(config) if config else RunConfig()
-        if data:
-            run_config.data.source = "samples"
-            run_config.data.samples = [str(p) for p in data]
-        if models:
-            run_config.models = [m.strip() for m in models.split(",") if m.strip()]
-        if reference:
-            run_config.data.reference = str(reference)
-        if out:
-            run_config.out = str(out)
+        run_config = _run_config(config, data, reference, out, models)
         results = run_cv(run_config)
     except GcmoeError as exc:
         _fail(exc)
@@ -115,19 +123,10 @@ def train(
 ) -> None:
     """Train one model on all cells (early stopping on spatial validation blocks) and save its model folder."""
     _setup_logging(verbose)
-    from gcmoe.config import RunConfig, load_config
     from gcmoe.pipeline import train_model
 
     try:
-        run_config = load_config(config) if config else RunConfig()
-        if data:
-            run_config.data.source = "samples"
-            run_config.data.samples = [str(p) for p in data]
-        if reference:
-            run_config.data.reference = str(reference)
-        if out:
-            run_config.out = str(out)
-        folder = train_model(run_config, model)
+        folder = train_model(_run_config(config, data, reference, out), model)
     except GcmoeError as exc:
         _fail(exc)
     typer.echo(f"model saved to {folder} (model.safetensors, model.json, README.md)")
