@@ -11,7 +11,8 @@ from gcmoe.errors import InvalidSampleError
 def test_csv_and_parquet(tmp_path):
     pd.DataFrame({"cell_id": ["a", "b"], "x_centroid": [1.0, 2.0], "y_centroid": [3.0, 4.0]}).to_csv(tmp_path / "c.csv", index=False)
     xy, ids = read_cell_centres(tmp_path / "c.csv")
-    np.testing.assert_array_equal(xy, [[1, 3], [2, 4]]) and ids == ["a", "b"]
+    np.testing.assert_array_equal(xy, [[1, 3], [2, 4]])
+    assert ids == ["a", "b"]
     pd.DataFrame({"cell_id": [b"aa-1", b"bb-1"], "x": [5.0, 6.0], "y": [7.0, 8.0]}).to_parquet(tmp_path / "c.parquet")
     xy, ids = read_cell_centres(tmp_path / "c.parquet")
     assert ids == ["aa-1", "bb-1"] and xy[1, 1] == 8.0
