@@ -231,8 +231,11 @@ def prepare_run(config: RunConfig, out: Path, needs: set[str], progress: bool = 
     return RunData(pooled, reference, routing, neighbours, cache_dir, feature_seconds)
 
 
-def build_model(entry, run: RunData, genes: list[str], config: RunConfig, targets_t):
-    """Create a registered model for ``genes`` with what it needs from the run; returns (model, params, data)."""
+def build_model(entry, run: RunData, genes: list[str], config: RunConfig, targets_t, prior=None):
+    """Create a registered model for ``genes`` with what it needs from the run; returns (model, params, data).
+
+    ``prior``: the co-expression graphs of ``genes`` when the caller already built them (built here otherwise).
+    """
     import torch
 
     from gcmoe.models import create_model
@@ -242,7 +245,8 @@ def build_model(entry, run: RunData, genes: list[str], config: RunConfig, target
     if "cell_types" in entry.needs:
         params.setdefault("n_types", len(run.routing.types))
     if "coexpression" in entry.needs:
-        prior = _build_prior(run.reference, genes, run.routing, config, run.pooled)
+        if prior is None:
+            prior = _build_prior(run.reference, genes, run.routing, config, run.pooled)
         params.setdefault("adjacency", torch.from_numpy(prior.adjacency))
     if "neighbours" in entry.needs:
         params.setdefault("window_um", config.neighbours.window_um)
@@ -302,8 +306,9 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         for k, fold in enumerate(folds):
             genes = select_genes(pooled.counts, pooled.genes, fold.train, config.targets)
             n_genes_eval.append(len(genes))
-            if k == 0 and "coexpression" in needs:
-                prior_summary = _build_prior(run.reference, genes, routing, config, pooled).summary()
+            prior = _build_prior(run.reference, genes, routing, config, pooled) if "coexpression" in needs else None
+            if k == 0 and prior is not None:
+                prior_summary = prior.summary()
             cols = np.array([pooled.genes.index(g) for g in genes])
             targets_t = torch.from_numpy(np.ascontiguousarray(targets_all[:, cols]))
             true_test = targets_all[np.ix_(fold.test, cols)]
@@ -313,7 +318,7 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
                 per_gene_rows += _gene_rows("ceiling", fold.name, cs)
             for entry in entries:
                 seed_everything(config.train.seed + k)
-                model, _, data = build_model(entry, run, genes, config, targets_t)
+                model, _, data = build_model(entry, run, genes, config, targets_t, prior)
                 res = fit(model, data, fold.train, fold.val, replace(config.train, seed=config.train.seed + k),
                           progress=progress, description=f"{entry.display_name} {fold.name} ({k + 1}/{len(folds)})")
                 scores = score_genes(predict(model, data, fold.test), true_test, genes)
