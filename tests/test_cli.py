@@ -87,3 +87,16 @@ def test_prior_command_prints_summary(tmp_path):
 
     prior = CoexpressionPrior.load(tmp_path / "prior.npz")
     assert prior.types == ["neoplastic", "inflammatory", "connective", "epithelial"] and len(prior.genes) == 60
+
+
+@pytest.mark.slow
+def test_extract_writes_features(tmp_path):
+    data = tmp_path / "tissue"
+    assert runner.invoke(app, ["simulate", "--out", str(data), "--n-cells", "300", "--height", "400", "--width", "400",
+                               "--n-genes", "60"]).exit_code == 0
+    out = tmp_path / "f.npy"
+    result = runner.invoke(app, ["extract", str(data / "virtual_tissue.h5ad"), "--out", str(out),
+                                 "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    feats = np.load(out)
+    assert feats.shape[0] == 300 and feats.shape[1] > 10 and np.isfinite(feats).all()
