@@ -51,15 +51,29 @@ def _print_table(results: dict, out: Path) -> None:
     console.print(f"Results written to [bold]{out}[/bold] (results.md, results.json, per_gene.csv, config.yaml, log.txt)")
 
 
+# Options shared by the commands that read slides (cv, train, convert); docs/data.md describes the formats.
+FormatOpt = Annotated[Optional[str], typer.Option("--format", help="Layout of --data: auto (detect), sample (gcmoe .h5ad), hest (HEST-1k root), xenium (10x output folder), h5ad (AnnData + --image).")]
+SampleIdOpt = Annotated[Optional[list[str]], typer.Option("--sample-id", help="HEST: the sample id(s) to read from the root (e.g. TENX95); repeatable.")]
+ImageOpt = Annotated[Optional[Path], typer.Option("--image", help="h5ad/xenium: the H&E image the cells lie on (TIFF; .svs/.ndpi with the openslide extra).")]
+MppOpt = Annotated[Optional[float], typer.Option("--mpp", help="Micrometres per H&E pixel (default: from the data's metadata or the TIFF tags).")]
+CellTypeKeyOpt = Annotated[Optional[str], typer.Option("--cell-type-key", help="obs column holding cell types (any names, any number).")]
+
+
 def _run_config(config: Path | None, data: list[Path] | None, reference: Path | None, out: Path | None,
-                models: str | None = None):
+                models: str | None = None, *, fmt: str | None = None, sample_ids: list[str] | None = None,
+                image: Path | None = None, mpp: float | None = None, cell_type_key: str | None = None):
     """Settings from the YAML file (or the defaults), overridden by the command-line flags."""
-    from gcmoe.config import RunConfig, load_config
+    from gcmoe.config import RunConfig, from_dict, load_config, to_dict
 
     run_config = load_config(config) if config else RunConfig()
     if data:
         run_config.data.source = "samples"
         run_config.data.samples = [str(p) for p in data]
+    flags = {"format": fmt, "sample_ids": sample_ids or None, "image": str(image) if image else None, "mpp": mpp,
+             "cell_type_key": cell_type_key}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if flags:  # through from_dict so a flag is checked like the same key in a YAML file
+        run_config.data = from_dict(type(run_config.data), {**to_dict(run_config.data), **flags}, "command line")
     if reference:
         run_config.data.reference = str(reference)
     if models:
@@ -89,15 +103,23 @@ def demo(
     except GcmoeError as exc:
         _fail(exc)
     _print_table(results, out)
+    from gcmoe.report import write_report
+
+    typer.echo(f"report: {write_report(out)}")
 
 
 @app.command()
 def cv(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML settings file (see docs/configuration.md).")] = None,
-    data: Annotated[Optional[list[Path]], typer.Option("--data", help="A Sample .h5ad written by gcmoe; repeat for several slides.")] = None,
+    data: Annotated[Optional[list[Path]], typer.Option("--data", help="A slide: Sample .h5ad, AnnData .h5ad (+ --image), Xenium output folder or HEST-1k root (docs/data.md); repeat for several slides.")] = None,
     models: Annotated[Optional[str], typer.Option(help="Comma-separated model names (gcmoe list models), or all.")] = None,
     reference: Annotated[Optional[Path], typer.Option(help="Labelled reference scRNA-seq .h5ad (GC-MoE's priors).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (overrides the file's).")] = None,
+    fmt: FormatOpt = None,
+    sample_id: SampleIdOpt = None,
+    image: ImageOpt = None,
+    mpp: MppOpt = None,
+    cell_type_key: CellTypeKeyOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Cross-validated comparison of models on a virtual tissue or on Samples; writes results.md/json."""
@@ -105,7 +127,8 @@ def cv(
     from gcmoe.pipeline import run_cv
 
     try:
-        run_config = _run_config(config, data, reference, out, models)
+        run_config = _run_config(config, data, reference, out, models, fmt=fmt, sample_ids=sample_id, image=image,
+                                 mpp=mpp, cell_type_key=cell_type_key)
         results = run_cv(run_config)
     except GcmoeError as exc:
         _fail(exc)
@@ -116,20 +139,31 @@ def cv(
 def train(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML settings file.")] = None,
     model: Annotated[str, typer.Option(help="Model name (gcmoe list models).")] = "gcmoe",
-    data: Annotated[Optional[list[Path]], typer.Option("--data", help="A Sample .h5ad; repeat for several slides.")] = None,
+    data: Annotated[Optional[list[Path]], typer.Option("--data", help="A slide (any format of docs/data.md); repeat for several slides.")] = None,
+    fmt: FormatOpt = None,
+    sample_id: SampleIdOpt = None,
+    image: ImageOpt = None,
+    mpp: MppOpt = None,
+    cell_type_key: CellTypeKeyOpt = None,
     reference: Annotated[Optional[Path], typer.Option(help="Labelled reference scRNA-seq .h5ad (GC-MoE's priors).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder; the model goes to OUT/model.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUT/checkpoints.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train one model on all cells (early stopping on spatial validation blocks) and save its model folder."""
     _setup_logging(verbose)
     from gcmoe.pipeline import train_model
+    from gcmoe.training.distributed import init_from_env, is_main_process
 
     try:
-        folder = train_model(_run_config(config, data, reference, out), model)
+        run_config = _run_config(config, data, reference, out, fmt=fmt, sample_ids=sample_id, image=image, mpp=mpp,
+                                 cell_type_key=cell_type_key)
+        run_config.train.device = init_from_env(run_config.train.device)  # under torchrun: join the group
+        folder = train_model(run_config, model, resume=resume)
     except GcmoeError as exc:
         _fail(exc)
-    typer.echo(f"model saved to {folder} (model.safetensors, model.json, README.md)")
+    if is_main_process():
+        typer.echo(f"model saved to {folder} (model.safetensors, model.json, README.md)")
 
 
 @app.command()
@@ -266,6 +300,139 @@ def extract(
     np.save(tmp, feats)
     tmp.replace(out)
     typer.echo(f"wrote {out}: {feats.shape[0]} cells x {feats.shape[1]} features")
+
+
+@app.command()
+def convert(
+    data: Annotated[Path, typer.Option("--data", help="A Xenium output folder, HEST-1k root or AnnData .h5ad.")],
+    out: Annotated[Path, typer.Option(help="The Sample .h5ad to write (the image is referenced, not copied).")],
+    fmt: FormatOpt = None,
+    sample_id: Annotated[Optional[str], typer.Option("--sample-id", help="HEST: which sample of the root; else the sample's name.")] = None,
+    image: ImageOpt = None,
+    mpp: MppOpt = None,
+    cell_type_key: CellTypeKeyOpt = None,
+    min_qv: Annotated[float, typer.Option(help="HEST: drop transcripts below this quality.")] = 20.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Read a slide in any supported layout once and write it as a Sample .h5ad (fast to read in later runs)."""
+    _setup_logging(verbose)
+    from gcmoe.data.readers import read_sample
+
+    try:
+        sample = read_sample(data, fmt or "auto", sample_id=sample_id, image=image, mpp=mpp,
+                             cell_type_key=cell_type_key, min_qv=min_qv)
+        path = sample.write(out)
+    except GcmoeError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {path}: sample {sample.sample_id}, {sample.n_cells} cells x {len(sample.genes)} genes, "
+               f"mpp {sample.mpp:.4f}, image {sample.image.path}")
+
+
+# --- figures and the HTML report (docs/figures.md) ---
+
+plot_app = typer.Typer(no_args_is_help=True, help="Figures of a run folder (PNG + SVG); see docs/figures.md.")
+app.add_typer(plot_app, name="plot")
+
+RunDirArg = Annotated[Path, typer.Argument(help="A run folder written by gcmoe cv or gcmoe demo.")]
+PlotOutOpt = Annotated[Optional[Path], typer.Option("--out", help="File stem; writes STEM.png and STEM.svg (default RUN_DIR/figures/<figure>).")]
+FoldOpt = Annotated[Optional[str], typer.Option("--fold", help="One fold (e.g. strip_1); default: all folds' held-out cells.")]
+ModelsOpt = Annotated[Optional[str], typer.Option("--models", help="Comma-separated model names (registry or display names).")]
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _plot(run_dir: Path, figure: str, out: Path | None, make) -> None:
+    from gcmoe.plotting import save_figure
+
+    _setup_logging(False)
+    try:
+        paths = save_figure(make(), out or run_dir / "figures" / figure)
+    except GcmoeError as exc:
+        _fail(exc)
+    typer.echo("wrote " + ", ".join(map(str, paths)))
+
+
+@plot_app.command("tsne")
+def plot_tsne_cmd(
+    run_dir: RunDirArg, fold: FoldOpt = None, models: ModelsOpt = None,
+    max_cells: Annotated[int, typer.Option(help="Cells drawn (seeded subsample).")] = 3000,
+    seed: Annotated[int, typer.Option()] = 0, out: PlotOutOpt = None,
+) -> None:
+    """t-SNE of measured and predicted expression coloured by cell type (Figure 3)."""
+    from gcmoe.plotting import plot_run_tsne
+
+    _plot(run_dir, "tsne", out, lambda: plot_run_tsne(run_dir, fold=fold, models=_split(models), max_cells=max_cells, seed=seed))
+
+
+@plot_app.command("gene-vectors")
+def plot_gene_vectors_cmd(
+    run_dir: RunDirArg,
+    expert: Annotated[Optional[str], typer.Option(help="Routing type name or index (default the first).")] = None,
+    models: Annotated[str, typer.Option(help="Saved GC-MoE variants to compare.")] = "gcmoe,gcmoe_no_cap_c2ca",
+    threshold: Annotated[float, typer.Option(help="Link genes whose measured correlation exceeds this.")] = 0.4,
+    seed: Annotated[int, typer.Option()] = 0, out: PlotOutOpt = None,
+) -> None:
+    """t-SNE of one expert's gene-wise vectors with and without CAP, co-expressed genes linked (Figure 4)."""
+    from gcmoe.plotting import plot_run_gene_vectors
+
+    _plot(run_dir, "gene_vectors", out, lambda: plot_run_gene_vectors(
+        run_dir, expert=expert, models=_split(models) or [], threshold=threshold, seed=seed))
+
+
+@plot_app.command("spatial")
+def plot_spatial_cmd(
+    run_dir: RunDirArg,
+    genes: Annotated[Optional[str], typer.Option(help="Comma-separated genes (default the best predicted).")] = None,
+    models: ModelsOpt = None, fold: FoldOpt = None,
+    sample: Annotated[Optional[str], typer.Option(help="Slide to draw (default the first).")] = None,
+    max_side: Annotated[int, typer.Option(help="Longest side of the H&E read, pixels.")] = 1200,
+    out: PlotOutOpt = None,
+) -> None:
+    """Maps on the H&E: tissue, cell types, experts, measured vs predicted genes (Figure 5)."""
+    from gcmoe.plotting import plot_run_spatial
+
+    _plot(run_dir, "spatial", out, lambda: plot_run_spatial(
+        run_dir, genes=_split(genes), models=_split(models), fold=fold, sample=sample, max_side=max_side))
+
+
+@plot_app.command("pcc")
+def plot_pcc_cmd(
+    run_dir: RunDirArg, models: ModelsOpt = None,
+    max_genes: Annotated[Optional[int], typer.Option(help="Draw only the best this many genes.")] = None,
+    out: PlotOutOpt = None,
+) -> None:
+    """Per-gene PCC bars, averaged over folds, with the ceiling."""
+    from gcmoe.plotting import plot_run_gene_pcc
+
+    _plot(run_dir, "gene_pcc", out, lambda: plot_run_gene_pcc(run_dir, models=_split(models), max_genes=max_genes))
+
+
+@plot_app.command("cv")
+def plot_cv_cmd(run_dir: RunDirArg, out: PlotOutOpt = None) -> None:
+    """The cross-validation table: per-fold PCC and mean ± std of every method."""
+    from gcmoe.plotting import plot_run_cv
+
+    _plot(run_dir, "cv", out, lambda: plot_run_cv(run_dir))
+
+
+@app.command()
+def report(
+    run_dir: RunDirArg,
+    out: Annotated[Optional[Path], typer.Option(help="Output .html (default RUN_DIR/report.html).")] = None,
+    max_cells: Annotated[int, typer.Option(help="Cells in the t-SNE (seeded subsample).")] = 3000,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """One self-contained HTML page with the tables and figures of a run (readable offline)."""
+    _setup_logging(verbose)
+    from gcmoe.report import write_report
+
+    try:
+        path = write_report(run_dir, out, max_cells=max_cells)
+    except GcmoeError as exc:
+        _fail(exc)
+    typer.echo(f"report: {path}")
 
 
 @app.command("list")

@@ -77,6 +77,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     num_threads: int | None = None  # torch CPU threads; None = torch's default
+    checkpoint_every: int = 10  # epochs between resumable checkpoints (gcmoe train); 0 = only at the end
+    amp: bool = False  # automatic mixed precision: float16 + loss scaling on CUDA, bfloat16 on the CPU
 
 
 @dataclass
@@ -89,11 +91,17 @@ class CVConfig:
 
 @dataclass
 class DataConfig:
-    """Where the cells come from: a virtual tissue, or Samples written by gcmoe (.h5ad + image)."""
+    """Where the cells come from: a virtual tissue, or slides read by gcmoe.data.readers (docs/data.md)."""
 
     source: Literal["virtual", "samples"] = "virtual"
     tissue: TissueConfig = field(default_factory=TissueConfig)
-    samples: list[str] = field(default_factory=list)  # .h5ad paths when source = "samples"
+    samples: list[str] = field(default_factory=list)  # paths when source = "samples": .h5ad, Xenium folder, HEST root
+    format: Literal["auto", "sample", "hest", "xenium", "h5ad"] = "auto"  # reader of `samples`; auto: by layout
+    sample_ids: list[str] | None = None  # HEST: the sample ids to read from the root (None: its only sample)
+    image: str | None = None  # h5ad/xenium: the H&E image the cells lie on
+    mpp: float | None = None  # micrometres per H&E pixel; None: from the file (uns, metadata, alignment, TIFF tags)
+    cell_type_key: str | None = None  # obs column with cell types, copied to obs["cell_type"]
+    min_qv: float = 20.0  # HEST: transcripts below this Phred quality are dropped
     reference: str | None = None  # labelled reference scRNA-seq .h5ad (CAP priors, label transfer); virtual: generated
     routing_labels: Literal["auto", "obs", "transfer"] = "auto"  # auto: obs["cell_type"] when every sample has it
     name: str | None = None  # dataset name in the tables; None = derived from the source

@@ -77,7 +77,9 @@ def predict_slide(
         mpp = tiff_mpp(slide)
         if mpp is None:
             raise InvalidSampleError(f"{slide} carries no pixel size in its resolution tags: give --mpp (um per pixel)")
-    target_mpp = float(meta["encoder"]["target_mpp"])
+    needs = get_model_entry(meta["model"]).needs
+    # a raw-pixel model (GHIST*) reads the slide at its own working pixel size and uses no encoder features
+    target_mpp = float(model.mpp) if "pixels" in needs else float(meta["encoder"]["target_mpp"])
     factor = mpp / target_mpp
     if not 1 / MAX_RESAMPLING <= factor <= MAX_RESAMPLING:
         raise InvalidSampleError(
@@ -98,11 +100,13 @@ def predict_slide(
         np.zeros((len(xy), 0), dtype=np.float32), xy, image, mpp, [], Path(slide).stem, cell_ids=ids,
         provenance={"slide": str(slide), "cells": source},
     )
-    feats = extract_features(sample, meta["encoder"]["name"], cache_dir=cache_dir, batch_size=batch_size, device=device,
-                             progress=progress, weights=meta["encoder"].get("weights"))
+    if "pixels" in needs:
+        feats = np.zeros((len(xy), int(meta["in_dim"])), dtype=np.float32)
+    else:
+        feats = extract_features(sample, meta["encoder"]["name"], cache_dir=cache_dir, batch_size=batch_size, device=device,
+                                 progress=progress, weights=meta["encoder"].get("weights"))
     if feats.shape[1] != meta["in_dim"]:
         raise InvalidSampleError(f"the encoder gave {feats.shape[1]} features, the model expects {meta['in_dim']}")
-    needs = get_model_entry(meta["model"]).needs
     xy_um = sample.spatial * mpp
     extra = {}
     if "neighbours" in needs:
@@ -114,6 +118,10 @@ def predict_slide(
         extra["context"] = context_grid(xy_um, model.context_um, model.context_size)
     if needs & {"neighbours", "windows", "context"}:
         extra["positions"] = torch.from_numpy(xy_um.astype(np.float32))
+    if "pixels" in needs:
+        from gcmoe.features.pixel_tiles import build_pixel_tiles
+
+        extra["pixels"] = build_pixel_tiles([image], [mpp], [sample.spatial], **model.tile_geometry())
     data = CellData(torch.from_numpy(feats), torch.zeros(len(xy), 0), **extra)
     idx = np.arange(len(xy))
     prediction = predict(model, data, idx)

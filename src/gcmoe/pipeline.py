@@ -7,7 +7,9 @@
 - ``results.md``: Table 1 (methods), Table 2 (GC-MoE ablations) and per-fold detail; ``per_gene.csv``;
 - ``config.yaml``: the resolved settings; ``log.txt``: the run's log;
 - ``data/``: the virtual tissue and its reference, when the data were generated; ``cache/``: cell features
-  and neighbour indices.
+  and neighbour indices;
+- ``predictions/<fold>.h5ad``: each fold's test cells, measured targets and every model's prediction;
+  ``models/<name>/``: each model as trained on the first fold (for figures: gcmoe.plotting, gcmoe.report).
 """
 
 from __future__ import annotations
@@ -73,12 +75,19 @@ def load_samples(config: RunConfig, out: Path):
             tissue.sample.n_cells, len(tissue.sample.genes), *tissue.sample.image.shape[::-1], time.perf_counter() - t0,
         )
         data_dir = out / "data"
-        tissue.sample.write(data_dir / f"{tissue.sample.sample_id}.h5ad")
-        write_h5ad(tissue.reference, data_dir / "reference.h5ad")
+        from gcmoe.training.distributed import is_main_process
+
+        if is_main_process():  # under torchrun the other ranks generate the same tissue and write nothing
+            tissue.sample.write(data_dir / f"{tissue.sample.sample_id}.h5ad")
+            write_h5ad(tissue.reference, data_dir / "reference.h5ad")
         return [tissue.sample], tissue.reference, config.data.name or tissue.sample.sample_id
     if not config.data.samples:
-        raise ConfigError("data.source is 'samples' but data.samples lists no .h5ad file")
-    samples = [Sample.read(p) for p in config.data.samples]
+        raise ConfigError("data.source is 'samples' but data.samples lists no data path")
+    from gcmoe.data.readers import read_samples
+
+    d = config.data
+    samples = read_samples(d.samples, d.format, d.sample_ids, image=d.image, mpp=d.mpp,
+                           cell_type_key=d.cell_type_key, min_qv=d.min_qv)
     ids = [s.sample_id for s in samples]
     if len(set(ids)) != len(ids):
         raise InvalidSampleError(f"sample ids must be unique across the run, got {ids}")
@@ -262,6 +271,13 @@ def build_model(entry, run: RunData, genes: list[str], config: RunConfig, target
         from gcmoe.features.context import context_grid
 
         context = context_grid(pooled.xy_um, model.context_um, model.context_size, pooled.sample_ids)
+    pixels = None
+    if "pixels" in entry.needs:  # raw H&E tiles (GHIST*), in the pooled cell order: slide after slide
+        from gcmoe.features.pixel_tiles import build_pixel_tiles
+
+        s_all = pooled.samples
+        pixels = build_pixel_tiles([s.image for s in s_all], [s.mpp for s in s_all], [s.spatial for s in s_all],
+                                   **model.tile_geometry())
     spatial = bool(entry.needs & {"neighbours", "windows", "context"})
     data = CellData(
         torch.from_numpy(pooled.features), targets_t,
@@ -271,6 +287,7 @@ def build_model(entry, run: RunData, genes: list[str], config: RunConfig, target
         windows=windows,
         context=context,
         targets_as_input="targets" in entry.needs,
+        pixels=pixels,
     )
     return model, params, data
 
@@ -316,12 +333,15 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
                 cs = score_genes(pooled.expected[np.ix_(fold.test, cols)], true_test, genes)
                 ceiling_folds.append(cs.mean)
                 per_gene_rows += _gene_rows("ceiling", fold.name, cs)
+            fold_preds: dict[str, np.ndarray] = {}  # model name -> test predictions (predictions/<fold>.h5ad)
+            fold_routing: dict[str, np.ndarray] = {}
             for entry in entries:
                 seed_everything(config.train.seed + k)
-                model, _, data = build_model(entry, run, genes, config, targets_t, prior)
+                model, params, data = build_model(entry, run, genes, config, targets_t, prior)
                 res = fit(model, data, fold.train, fold.val, replace(config.train, seed=config.train.seed + k),
                           progress=progress, description=f"{entry.display_name} {fold.name} ({k + 1}/{len(folds)})")
-                scores = score_genes(predict(model, data, fold.test), true_test, genes)
+                fold_preds[entry.name] = predict(model, data, fold.test)
+                scores = score_genes(fold_preds[entry.name], true_test, genes)
                 rec = per_model[entry.display_name]
                 rec["folds"].append(scores.mean)
                 rec["best_epochs"].append(res.best_epoch)
@@ -330,11 +350,16 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
                 rec["excluded_genes"].append(scores.excluded)
                 if getattr(model, "moe", False) and routing is not None:
                     pi = collect(model, data, fold.test, lambda m, b: m.compute(**b).routing)
+                    fold_routing[entry.name] = pi
                     rec.setdefault("routing_accuracy_folds", []).append(
                         float((pi.argmax(1) == routing.codes[fold.test]).mean()))
+                if k == 0:
+                    _save_fold_model(model, entry, params, genes, fold.name, res, run, config, out / "models" / entry.name)
                 per_gene_rows += _gene_rows(entry.display_name, fold.name, scores)
                 log.info("%s %s: mean PCC %.4f over %d genes (best epoch %d, %.1f s)", entry.display_name, fold.name,
                          scores.mean, len(genes) - len(scores.excluded), res.best_epoch, res.seconds)
+            _write_fold_predictions(out / "predictions" / f"{fold.name}.h5ad", fold.name, fold.test, genes, true_test,
+                                    fold_preds, fold_routing, run, entries)
         ceiling, ceiling_std = summarize_folds(ceiling_folds) if ceiling_folds else (None, None)
         for rec in per_model.values():
             rec["mean"], rec["std"] = summarize_folds(rec["folds"])
@@ -371,6 +396,78 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         handler.close()
 
 
+# --- per-fold predictions and first-fold models, kept for figures and the report (docs/results.md) ---
+
+
+def _write_fold_predictions(path: Path, fold_name: str, test: np.ndarray, genes: list[str], measured: np.ndarray,
+                            preds: dict[str, np.ndarray], routing_probs: dict[str, np.ndarray], run: RunData,
+                            entries: list) -> None:
+    """``predictions/<fold>.h5ad``: the fold's test cells, X = measured targets, one layer per model."""
+    import anndata
+    import pandas as pd
+
+    pooled, routing = run.pooled, run.routing
+    ids = np.concatenate([np.asarray(s.adata.obs_names, dtype=str) for s in pooled.samples])
+    if len(set(ids)) != len(ids):
+        ids = np.char.add(np.char.add(pooled.sample_ids.astype(str), ":"), ids)
+    obs = pd.DataFrame({Key.SAMPLE_ID: pd.Categorical(pooled.sample_ids[test])}, index=pd.Index(ids[test], dtype=str))
+    if pooled.cell_type is not None:
+        obs[Key.CELL_TYPE] = pd.Categorical(pooled.cell_type[test])
+    types = list(routing.types) if routing is not None else []
+    if routing is not None:
+        obs["routing_label"] = pd.Categorical.from_codes(routing.codes[test], categories=types)
+    adata = anndata.AnnData(X=np.asarray(measured, dtype=np.float32), obs=obs)
+    adata.var_names = pd.Index(genes, dtype=str)
+    adata.obsm[Key.SPATIAL] = np.asarray(pooled.xy[test], dtype=np.float64)
+    for name, pred in preds.items():
+        adata.layers[name] = np.asarray(pred, dtype=np.float32)
+    for name, pi in routing_probs.items():
+        adata.obsm[f"routing_{name}"] = np.asarray(pi, dtype=np.float32)
+        adata.obs[f"expert_{name}"] = pd.Categorical.from_codes(pi.argmax(1), categories=types)
+    adata.uns[Key.UNS] = {
+        "fold": fold_name,
+        "genes": list(genes),
+        "models": {e.name: e.display_name for e in entries if e.name in preds},
+        "routing_types": types,
+    }
+    write_h5ad(adata, path)
+
+
+def _save_fold_model(model, entry, params: dict[str, Any], genes: list[str], fold_name: str, res, run: RunData,
+                     config: RunConfig, folder: Path) -> None:
+    """``models/<name>/``: the model trained on the first fold, loadable with ``checkpoint.load_model``."""
+    from gcmoe.config import to_dict
+    from gcmoe.training.checkpoint import save_model
+
+    meta = {
+        "genes": list(genes),
+        "cell_types": list(run.routing.types) if run.routing is not None else [],
+        "encoder": _encoder_card(config.features.encoder, config.features.weights, int(run.pooled.features.shape[1])),
+        "neighbours": to_dict(config.neighbours) if "neighbours" in entry.needs else None,
+        "targets": to_dict(config.targets) | {"genes": list(genes)},
+        "training_data": {"samples": sorted(set(run.pooled.sample_ids)), "fold": fold_name,
+                          "note": "trained on this fold's training cells (cross-validation)"},
+        "metrics": {"val_pcc": res.best_val_pcc, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run},
+        "gcmoe_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    save_model(model, folder, entry.name, params, meta)
+
+
+_ENCODER_CARDS: dict[tuple, dict[str, Any]] = {}
+
+
+def _encoder_card(name: str, weights: str | None, feature_dim: int) -> dict[str, Any]:
+    key = (name, weights, feature_dim)
+    if key not in _ENCODER_CARDS:  # creating an encoder may load weights: once per run, not once per model
+        from gcmoe.features import create_encoder
+
+        encoder = create_encoder(name, weights=weights)
+        _ENCODER_CARDS[key] = {"name": name, "target_mpp": encoder.config.target_mpp, "feature_dim": feature_dim,
+                               "weights": weights}
+    return _ENCODER_CARDS[key]
+
+
 def _build_prior(reference, genes: list[str], routing: Routing, config: RunConfig, pooled: PooledCells):
     from gcmoe.prior.coexpression import build_coexpression_prior
 
@@ -404,6 +501,13 @@ def write_results(results: dict[str, Any], per_gene_rows: list[dict[str, Any]], 
     atomic(out / "results.json", json.dumps(_jsonable(results), indent=2))
     atomic(out / "results.md", results_markdown(results))
     atomic(out / "per_gene.csv", pd.DataFrame(per_gene_rows).to_csv(index=False))
+
+
+def _plain(params: dict[str, Any]) -> dict[str, Any]:
+    """Model parameters without tensors (those are data: hashed with the features elsewhere)."""
+    import torch
+
+    return {k: (list(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in params.items()}
 
 
 def _jsonable(obj: Any) -> Any:
@@ -449,13 +553,21 @@ def demo_config(out: str | os.PathLike = "gcmoe_demo", quick: bool = False) -> R
     return config
 
 
-def train_model(config: RunConfig, model_name: str, progress: bool = True) -> Path:
+def train_model(config: RunConfig, model_name: str, progress: bool = True, resume: bool = False) -> Path:
     """Train one model on all cells of the run (validation carved in spatial blocks) and save its folder.
+
+    The training state is checkpointed under ``<out>/checkpoints/<model>`` (``train.checkpoint_every``);
+    ``resume`` continues from the newest checkpoint there (refused if the settings or data differ).
 
     The folder (``<out>/model``) holds safetensors weights and a JSON card with everything prediction needs:
     genes, routing types, encoder and its pixel size, target transform, training data and validation PCC.
+
+    Under torchrun every process trains its share of each batch (:mod:`gcmoe.training.distributed`); rank 0
+    prepares the data first (the others then read its caches) and alone writes the outputs.
     """
     import torch
+
+    from gcmoe.training.distributed import rank_world
 
     from gcmoe.config import to_dict
     from gcmoe.data.genes import compute_targets, select_genes
@@ -466,12 +578,20 @@ def train_model(config: RunConfig, model_name: str, progress: bool = True) -> Pa
     from gcmoe.training.trainer import fit, seed_everything
 
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    handler = _attach_log_file(out / "log.txt")
+    rank, world = rank_world()
+    main = rank == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    handler = _attach_log_file(out / "log.txt") if main else None
     try:
         entry = get_model_entry(model_name)
-        save_config(config, out / "config.yaml")
-        run = prepare_run(config, out, set(entry.needs), progress)
+        if main:
+            save_config(config, out / "config.yaml")
+            run = prepare_run(config, out, set(entry.needs), progress)
+        if world > 1:
+            torch.distributed.barrier()  # rank 0 has written the data and feature caches the others now read
+        if not main:
+            run = prepare_run(config, out, set(entry.needs), progress=False)
         pooled = run.pooled
         all_idx = np.arange(len(pooled.sample_ids))
         train_parts, val_parts = [], []
@@ -485,7 +605,9 @@ def train_model(config: RunConfig, model_name: str, progress: bool = True) -> Pa
         targets_t = torch.from_numpy(np.ascontiguousarray(compute_targets(pooled.counts, config.targets)[:, cols]))
         seed_everything(config.train.seed)
         model, params, data = build_model(entry, run, genes, config, targets_t)
-        res = fit(model, data, train_idx, val_idx, config.train, progress=progress, description=entry.display_name)
+        fingerprint = {"model": entry.name, "params": json.dumps(_plain(params), sort_keys=True), "genes": ",".join(genes)}
+        res = fit(model, data, train_idx, val_idx, config.train, progress=progress, description=entry.display_name,
+                  checkpoint_dir=out / "checkpoints" / entry.name, resume=resume, fingerprint=fingerprint)
         encoder = create_encoder(config.features.encoder, weights=config.features.weights)
         meta = {
             "genes": genes,
@@ -500,7 +622,10 @@ def train_model(config: RunConfig, model_name: str, progress: bool = True) -> Pa
             "gcmoe_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        return save_model(model, out / "model", entry.name, params, meta)
+        if world > 1:
+            torch.distributed.barrier()
+        return save_model(model, out / "model", entry.name, params, meta) if main else out / "model"
     finally:
-        logging.getLogger("gcmoe").removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger("gcmoe").removeHandler(handler)
+            handler.close()

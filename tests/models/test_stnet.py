@@ -22,6 +22,10 @@ def test_every_registered_model_builds_and_predicts():
         "context_offsets": torch.randn(16, 9, 2) * 100,
         "context_mask": torch.ones(16, 9, dtype=torch.bool),
         "targets": torch.randn(16, 5),
+        # GHIST*'s raw pixels: 2 tiles of 64 px (its default), cell b in tile b % 2, inside the margin
+        "tile_pixels": torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8),
+        "tile_index": torch.arange(16) % 2,
+        "cell_xy": torch.rand(16, 2) * 40 + 12,
     }
     for name in list_models():
         model = create_model(name, in_dim=8, n_genes=5)

@@ -84,3 +84,10 @@ def test_fit_calls_the_model_hooks_with_training_cells():
     idx = np.arange(300)
     fit(Recording(6, 4), data, idx[:200], idx[200:], TrainConfig(max_epochs=3, patience=5))
     assert calls == [("validation", 200)] * 3 + [("end", 200)]
+
+
+def test_mixed_precision_trains():
+    data = _data()
+    idx = np.arange(1200)
+    res = fit(create_model("stnet", 6, 4), data, idx[:900], idx[900:], TrainConfig(max_epochs=15, patience=5, amp=True))
+    assert res.best_val_pcc > 0.7  # bfloat16 autocast on the CPU; float16 + GradScaler on CUDA

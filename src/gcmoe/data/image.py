@@ -1,8 +1,9 @@
 """Lazy access to H&E images: read a region of the full-resolution level without loading the slide.
 
-Two implementations share one small protocol: :class:`ArrayImage` (an RGB array in memory, e.g. a freshly
-generated virtual tissue) and :class:`TiffImage` (a tiled, possibly pyramidal, TIFF or BigTIFF read through
-tifffile's zarr store, so only the tiles a region touches are decoded).
+Implementations share one small protocol: :class:`ArrayImage` (an RGB array in memory, e.g. a freshly
+generated virtual tissue), :class:`TiffImage` (a tiled, possibly pyramidal, TIFF or BigTIFF read through
+tifffile's zarr store, so only the tiles a region touches are decoded) and :class:`OpenSlideImage` (vendor
+formats through OpenSlide, with the optional ``openslide`` extra).
 """
 
 from __future__ import annotations
@@ -166,6 +167,69 @@ def write_tiff(path: str | os.PathLike, array: np.ndarray, mpp: float, tile: int
     return path
 
 
+OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+
+
+def _openslide_module():
+    try:
+        import openslide
+    except ImportError as exc:  # also raised when the module is there but the OpenSlide library is not
+        raise ImageReadError(
+            "reading .svs/.ndpi/.mrxs slides needs OpenSlide: pip install 'gcmoe[openslide]' "
+            f"(openslide-python + openslide-bin), or convert the slide to a pyramidal TIFF ({exc})"
+        ) from exc
+    return openslide
+
+
+class OpenSlideImage:
+    """A whole-slide image in a vendor format (.svs, .ndpi, .mrxs, ...) read through OpenSlide, level 0."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._path = Path(path)
+        if not self._path.exists():
+            raise ImageReadError(f"image file not found: {self._path}")
+        openslide = _openslide_module()
+        try:
+            self._slide = openslide.OpenSlide(str(self._path))
+        except Exception as exc:  # OpenSlideError / OpenSlideUnsupportedFormatError
+            raise ImageReadError(f"cannot read {self._path} with OpenSlide ({type(exc).__name__}: {exc})") from exc
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        width, height = self._slide.dimensions
+        return int(height), int(width)
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    def read_region(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        def get(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+            rgba = np.asarray(self._slide.read_region((x0, y0), 0, (x1 - x0, y1 - y0)))
+            # OpenSlide returns premultiplied RGBA with alpha 0 outside scanned areas: show those as white glass
+            rgb = rgba[..., :3].copy()
+            rgb[rgba[..., 3] == 0] = BACKGROUND
+            return rgb
+
+        return _padded_read(get, self.shape, x, y, width, height)
+
+    @property
+    def mpp(self) -> float | None:
+        """The slide's ``openslide.mpp-x`` property, when the scanner wrote one."""
+        value = self._slide.properties.get("openslide.mpp-x")
+        return float(value) if value else None
+
+
+def openslide_mpp(path: str | os.PathLike) -> float | None:
+    """Micrometres per pixel of an OpenSlide-format slide, or None (also when OpenSlide is not installed)."""
+    try:
+        return OpenSlideImage(path).mpp
+    except ImageReadError:
+        return None
+
+
 def open_image(path: str | os.PathLike) -> SlideImage:
-    """Open an image file lazily (TIFF/BigTIFF; OpenSlide formats come with the real-data readers)."""
+    """Open an image file lazily: TIFF/BigTIFF (tifffile), or .svs/.ndpi/.mrxs/... through OpenSlide."""
+    if Path(path).suffix.lower() in OPENSLIDE_SUFFIXES:
+        return OpenSlideImage(path)
     return TiffImage(path)

@@ -2,6 +2,8 @@
 
 Cells read ``mean ± std`` of the per-fold mean PCC; the best method of each dataset is in bold (the
 ceiling row is a bound, not a method, and is never bolded); with several datasets an Average column is added.
+Methods trained on raw pixels instead of the cached encoder features (registry need "pixels", GHIST*) are
+marked with a dagger and a footnote.
 """
 
 from __future__ import annotations
@@ -11,6 +13,15 @@ from typing import Any
 import numpy as np
 
 CEILING = "ceiling"
+RAW_PIXELS_MARK = "†"
+RAW_PIXELS_NOTE = f"{RAW_PIXELS_MARK} trained end to end on raw H&E pixels; does not use the cached encoder features."
+
+
+def raw_pixel_methods() -> set[str]:
+    """Display names of the registered models that read raw pixels instead of the cached features."""
+    from gcmoe.models.registry import get_model_entry, list_models
+
+    return {get_model_entry(n).display_name for n in list_models() if "pixels" in get_model_entry(n).needs}
 
 
 def _fmt(mean: float | None, std: float | None, bold: bool = False) -> str:
@@ -43,8 +54,9 @@ def method_table(results: dict[str, Any]) -> str:
         best_avg = max(finite_avg, key=finite_avg.get) if finite_avg else None
     header = ["Method", *names] + (["Average"] if len(names) > 1 else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":---:"] * (len(header) - 1)) + "|"]
+    raw = raw_pixel_methods() & set(methods)
     for m in methods:
-        row = [m]
+        row = [f"{m} {RAW_PIXELS_MARK}" if m in raw else m]
         for n in names:
             entry = datasets[n]["models"].get(m)
             row.append(_fmt(entry["mean"], entry["std"], bold=(m == best[n])) if entry else "–")
@@ -57,6 +69,8 @@ def method_table(results: dict[str, Any]) -> str:
         if len(names) > 1:
             row.append(_fmt(float(np.mean(ceilings)), None) if all(c is not None for c in ceilings) else "n/a")
         lines.append("| " + " | ".join(row) + " |")
+    if raw:
+        lines += ["", RAW_PIXELS_NOTE]
     return "\n".join(lines)
 
 

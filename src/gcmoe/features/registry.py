@@ -36,6 +36,7 @@ __all__ = [
     "file_sha256",
     "list_encoders",
     "register_encoder",
+    "requires_weights",
 ]
 
 
@@ -177,7 +178,7 @@ EncoderFactory = Callable[..., Encoder]
 _FactoryT = TypeVar("_FactoryT", bound=EncoderFactory)
 
 _REGISTRY: dict[str, EncoderFactory] = {}
-_BUILTIN_MODULES = ("gcmoe.features.morphology",)
+_BUILTIN_MODULES = ("gcmoe.features.morphology", "gcmoe.features.foundation")
 
 
 def register_encoder(name: str | _FactoryT | None = None) -> Any:
@@ -214,6 +215,28 @@ def list_encoders(pattern: str | None = None) -> list[str]:
     return names if pattern is None else [n for n in names if fnmatch.fnmatch(n, pattern)]
 
 
+def _lookup(name: str) -> tuple[EncoderFactory, dict[str, Any]]:
+    """The factory of ``name`` and the keyword arguments the name itself implies.
+
+    A family registered as ``"<prefix>:*"`` (``"timm:*"``) takes any ``"<prefix>:<model name>"``; its
+    factory receives ``model_name``.
+    """
+    _load_builtins()
+    if name in _REGISTRY and not name.endswith(":*"):
+        return _REGISTRY[name], {}
+    prefix, colon, model_name = name.partition(":")
+    if colon and f"{prefix}:*" in _REGISTRY:
+        return _REGISTRY[f"{prefix}:*"], {"model_name": model_name}
+    raise UnknownNameError(f"unknown encoder '{name}'; registered encoders: {', '.join(sorted(_REGISTRY))}")
+
+
+def requires_weights(name: str) -> bool:
+    """Whether encoder ``name`` cannot be built without a local weights file (its factory's ``weights``
+    parameter has no default)."""
+    param = inspect.signature(_lookup(name)[0]).parameters.get("weights")
+    return param is not None and param.default is inspect.Parameter.empty
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """SHA-256 hex digest of a file, read in chunks."""
     h = hashlib.sha256()
@@ -230,17 +253,16 @@ def create_encoder(name: str, *, weights: str | os.PathLike | None = None, **kwa
     ----------
     name
         A name from :func:`list_encoders`; an unknown one raises :class:`~gcmoe.errors.UnknownNameError`
-        listing the valid names.
+        listing the valid names. ``"timm:<model>"`` / ``"open_clip:<model>"`` select a model of the
+        ``"timm:*"`` / ``"open_clip:*"`` family.
     weights
         A local weights file for encoders that load weights (never downloaded). Its SHA-256 is stored in
         ``encoder.config.weights_sha256`` so the feature cache tells weights apart.
     **kwargs
         Passed to the factory (e.g. ``tile_size``).
     """
-    _load_builtins()
-    if name not in _REGISTRY:
-        raise UnknownNameError(f"unknown encoder '{name}'; registered encoders: {', '.join(sorted(_REGISTRY))}")
-    factory = _REGISTRY[name]
+    factory, implied = _lookup(name)
+    kwargs = {**kwargs, **implied}
     params = inspect.signature(factory).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     accepted = [p for p in params if params[p].kind is not inspect.Parameter.VAR_KEYWORD]
@@ -256,6 +278,11 @@ def create_encoder(name: str, *, weights: str | os.PathLike | None = None, **kwa
             raise ConfigError(f"encoder '{name}': weights file not found: {path}")
         sha = file_sha256(path)
         kwargs["weights"] = path
+    elif requires_weights(name):
+        raise ConfigError(
+            f"encoder '{name}' needs a local weights file: create_encoder('{name}', weights='path/to/file') "
+            "or features.weights in the settings (nothing is downloaded; docs/features.md names the files)"
+        )
     encoder = factory(**kwargs)
     if not isinstance(encoder, Encoder):
         raise TypeError(f"the factory of encoder '{name}' returned {type(encoder).__name__}, not an Encoder")

@@ -22,7 +22,8 @@ class ModelEntry:
     # labels and K), "coexpression" (CAP graphs from the reference), "windows" (overlapping windows tiling
     # each slide, with the model's ``window_um`` and ``max_window_cells``), "context" (a grid of context
     # squares, with the model's ``context_um`` and ``context_size``), "targets" (the measured targets of the
-    # training batch as an input, for contrastive or multi-view losses). The pipeline reads this.
+    # training batch as an input, for contrastive or multi-view losses), "pixels" (raw H&E tiles owning the
+    # batch's cells, with the model's ``tile_geometry()``; features.pixel_tiles). The pipeline reads this.
     needs: frozenset[str] = frozenset()
 
 
@@ -46,11 +47,11 @@ def register_model(
 
 
 def _load_builtin() -> None:
-    from gcmoe.models import bleep, gcmoe, histogene, stnet, triplex  # noqa: F401  (register on import)
+    from gcmoe.models import bleep, gcmoe, ghist, histogene, stnet, triplex  # noqa: F401  (register on import)
 
 
 # the order of methods in tables (the paper's Table 1, then the ablations of Table 2, the full model last)
-TABLE_ORDER = ("stnet", "histogene", "bleep", "triplex", "gcmoe_no_moe_cap_c2ca", "gcmoe_no_cap_c2ca", "gcmoe_no_c2ca", "gcmoe")
+TABLE_ORDER = ("stnet", "histogene", "bleep", "triplex", "ghist", "gcmoe_no_moe_cap_c2ca", "gcmoe_no_cap_c2ca", "gcmoe_no_c2ca", "gcmoe")
 
 
 def models_in_table_order() -> list[str]:

@@ -1,0 +1,152 @@
+"""Any AnnData with cell centres + an H&E image -> :class:`Sample`.
+
+Reads an ``.h5ad`` whose ``obsm["spatial"]`` (or another key) holds (x, y) cell centres in full-resolution
+pixels of the given image; raw counts from ``layers["counts"]`` or ``X`` (non-negative and integer-valued);
+cell types from any ``obs`` column, with any names and any number of types. The pixel size comes from the
+argument, else ``uns["gcmoe"]["mpp"]``, else the image's TIFF resolution tags / OpenSlide properties.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from gcmoe._constants import Key, UnsKey
+from gcmoe.data.image import open_image
+from gcmoe.data.readers._common import check_mpp, inside_image, uns_safe
+from gcmoe.data.sample import Sample
+from gcmoe.errors import InvalidSampleError
+
+log = logging.getLogger(__name__)
+
+
+def raw_counts(adata, where: str) -> np.ndarray | sp.spmatrix:
+    """``layers["counts"]`` or ``X``, checked to be non-negative integer counts (else a clear error)."""
+    source = f"layers['{Key.COUNTS}']" if Key.COUNTS in adata.layers else "X"
+    counts = adata.layers[Key.COUNTS] if Key.COUNTS in adata.layers else adata.X
+    if counts is None:
+        raise InvalidSampleError(f"{where}: no expression matrix (X and layers['counts'] are empty)")
+    if not sp.issparse(counts):
+        counts = np.asarray(counts)
+    values = counts.data if sp.issparse(counts) else counts
+    if not np.issubdtype(values.dtype, np.number):
+        raise InvalidSampleError(f"{where}: {source} is not numeric ({values.dtype})")
+    sample = values.ravel()[: 2_000_000]
+    if sample.size and (not np.all(np.isfinite(sample)) or sample.min() < 0 or np.any(np.abs(sample - np.round(sample)) > 1e-6)):
+        raise InvalidSampleError(
+            f"{where}: {source} does not hold raw counts (values are negative or not whole numbers, e.g. "
+            f"{sample[np.abs(sample - np.round(sample)) > 1e-6][:3].tolist() or sample[sample < 0][:3].tolist()}); "
+            "raw counts are needed: put them in layers['counts'] (gcmoe log-normalises them itself)"
+        )
+    return counts
+
+
+def image_mpp(path: str | os.PathLike) -> float | None:
+    """The pixel size stored in an image file (TIFF resolution tags, OpenSlide's mpp-x), or None."""
+    from gcmoe.data import image as image_mod
+
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        try:
+            return image_mod.tiff_mpp(path)
+        except Exception:  # unreadable tags: the image itself is checked when it is opened
+            return None
+    reader = getattr(image_mod, "openslide_mpp", None)
+    return reader(path) if reader is not None else None
+
+
+def read_h5ad(
+    path: str | os.PathLike,
+    image: str | os.PathLike | None = None,
+    mpp: float | None = None,
+    cell_type_key: str | None = None,
+    sample_id: str | None = None,
+    spatial_key: str = Key.SPATIAL,
+) -> Sample:
+    """Read an AnnData + image pair as a Sample.
+
+    Parameters
+    ----------
+    path
+        The .h5ad (cells x genes).
+    image
+        The H&E image (TIFF/BigTIFF; .svs/.ndpi/.mrxs with the ``openslide`` extra); default:
+        ``uns["gcmoe"]["image_path"]`` when the file has one.
+    mpp
+        Micrometres per pixel of the image; default from ``uns["gcmoe"]["mpp"]`` or the image's tags.
+    cell_type_key
+        An ``obs`` column with cell types, copied to ``obs["cell_type"]`` (routing types follow its names).
+    spatial_key
+        The ``obsm`` key of the (x, y) pixel centres.
+    """
+    import anndata
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidSampleError(f"AnnData file not found: {path}")
+    try:
+        adata = anndata.read_h5ad(path)
+    except Exception as exc:
+        raise InvalidSampleError(f"cannot read {path} as an .h5ad file ({exc}); is it complete?") from exc
+    meta = dict(adata.uns.get(Key.UNS, {}) or {})
+    if sample_id is None:
+        if UnsKey.SAMPLE_ID in meta:
+            sample_id = str(meta[UnsKey.SAMPLE_ID])
+        elif Key.SAMPLE_ID in adata.obs and adata.obs[Key.SAMPLE_ID].nunique() == 1:
+            sample_id = str(adata.obs[Key.SAMPLE_ID].iloc[0])
+        else:
+            sample_id = path.stem
+    if image is None and UnsKey.IMAGE_PATH in meta:
+        image = Path(str(meta[UnsKey.IMAGE_PATH]))
+        image = image if image.is_absolute() else path.parent / image
+    if image is None:
+        raise InvalidSampleError(f"{path}: which H&E image do the cells lie on? give it with --image (data.image)")
+    slide = open_image(image)
+    source = "argument"
+    if mpp is None and UnsKey.MPP in meta:
+        mpp, source = float(meta[UnsKey.MPP]), f"uns['{Key.UNS}']['{UnsKey.MPP}']"
+    if mpp is None:
+        mpp, source = image_mpp(image), f"{Path(image).name}'s resolution tags"
+    mpp = check_mpp(mpp, sample_id, source if mpp is not None else f"not given, not in {path.name} nor in the image's tags")
+
+    if spatial_key not in adata.obsm:
+        raise InvalidSampleError(
+            f"{path}: no obsm['{spatial_key}'] with cell centres; found obsm keys {list(adata.obsm.keys())}"
+        )
+    xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] < 2:
+        raise InvalidSampleError(f"{path}: obsm['{spatial_key}'] must be (n_cells, 2) x, y pixels, got {xy.shape}")
+    xy = xy[:, :2]
+    counts = raw_counts(adata, str(path))
+    cell_type = None
+    if cell_type_key is not None:
+        if cell_type_key not in adata.obs:
+            raise InvalidSampleError(
+                f"{path}: no obs column {cell_type_key!r} for cell types; obs columns are {list(adata.obs.columns)[:30]}"
+            )
+        cell_type = adata.obs[cell_type_key].astype(str).to_numpy()
+    keep = inside_image(xy, slide.shape, sample_id, mpp, f"{path.name} obsm['{spatial_key}']")
+    obs = adata.obs.drop(columns=[c for c in (Key.SAMPLE_ID, Key.CELL_TYPE) if c in adata.obs]).iloc[np.flatnonzero(keep)]
+    obs = obs.reset_index(drop=True)
+    if not adata.obs_names.is_unique:
+        dup = adata.obs_names[adata.obs_names.duplicated()][:5].tolist()
+        raise InvalidSampleError(f"{path}: duplicated cell ids (obs_names), e.g. {dup}; make them unique")
+    if not adata.var_names.is_unique:
+        dup = adata.var_names[adata.var_names.duplicated()][:5].tolist()
+        raise InvalidSampleError(f"{path}: duplicated gene names, e.g. {dup}")
+    rows = np.flatnonzero(keep)
+    provenance = {"format": "h5ad", "file": str(path.resolve()), "image": str(slide.path), "mpp_source": source,
+                  "spatial_key": spatial_key, "cell_type_key": cell_type_key}
+    sample = Sample.from_arrays(
+        counts[rows], xy[rows], slide, mpp, list(map(str, adata.var_names)), sample_id,
+        cell_ids=list(adata.obs_names[rows]), cell_type=None if cell_type is None else cell_type[rows],
+        obs=obs if obs.shape[1] else None, provenance=uns_safe(provenance),
+    )
+    if len(adata.var.columns):
+        sample.adata.var = pd.concat([sample.adata.var, adata.var.set_axis(sample.adata.var_names)], axis=1)
+    return sample

@@ -1,0 +1,220 @@
+"""HEST-1k Xenium samples -> single-cell :class:`Sample`.
+
+HEST's ``st/{id}.h5ad`` for Xenium holds 100 um pseudo-spots, not cells, so cells are rebuilt here from the
+transcripts (already registered to the H&E by HEST: ``he_x``/``he_y`` in full-resolution H&E pixels) and the
+10x cell segmentation that HEST warped onto the H&E (``xenium_seg/``). Files read, for sample ``{id}``:
+
+- ``wsis/{id}.tif``: the pyramidal H&E (generic TIFF/BigTIFF);
+- ``metadata/{id}.json``: ``pixel_size_um_estimated`` (what HEST itself uses, preferred here) and
+  ``pixel_size_um_embedded`` (from the TIFF; recorded, with a warning when it differs by more than 5%);
+  ``st_technology`` must be Xenium;
+- ``transcripts/{id}_transcripts.parquet``: one row per transcript, ``feature_name``, ``qv``, ``cell_id``,
+  ``he_x``/``he_y``;
+- ``xenium_seg/{id}_xenium_cell_seg.parquet`` (or ``_nucleus_seg``): GeoParquet, one polygon per cell in
+  H&E pixels, the cell id as a column or as the stored index. Optional: without it, cells are the transcripts'
+  ``cell_id`` groups and their centres the mean transcript position.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from gcmoe._constants import Key, UnsKey
+from gcmoe.data.image import open_image
+from gcmoe.data.readers._common import check_mpp, differs, inside_image, uns_safe
+from gcmoe.data.readers.polygons import read_polygons
+from gcmoe.data.readers.transcripts import MIN_QV, aggregate_transcripts
+from gcmoe.data.sample import Sample
+from gcmoe.errors import InvalidSampleError
+
+log = logging.getLogger(__name__)
+
+
+class HestKeys:
+    """File and field names of a HEST-1k download (github.com/mahmoodlab/HEST, huggingface MahmoodLab/hest)."""
+
+    WSI_DIR = "wsis"
+    META_DIR = "metadata"
+    TRANSCRIPTS_DIR = "transcripts"
+    SEG_DIR = "xenium_seg"
+    WSI = "{id}.tif"
+    META = "{id}.json"
+    TRANSCRIPTS = "{id}_transcripts.parquet"
+    SEG = "{id}_xenium_{kind}_seg"  # + .parquet (or .geojson)
+    MPP_ESTIMATED = "pixel_size_um_estimated"
+    MPP_EMBEDDED = "pixel_size_um_embedded"
+    TECHNOLOGY = "st_technology"
+    X = "he_x"
+    Y = "he_y"
+    KEPT_META = ("st_technology", "species", "organ", "oncotree_code", "disease_state", "dataset_title", "tissue",
+                 "preservation_method", "fullres_px_width", "fullres_px_height", "magnification")
+
+
+def is_hest_root(path: str | os.PathLike) -> bool:
+    """A HEST root holds ``wsis/`` and ``metadata/`` folders."""
+    path = Path(path)
+    return path.is_dir() and (path / HestKeys.WSI_DIR).is_dir() and (path / HestKeys.META_DIR).is_dir()
+
+
+def list_hest_samples(root: str | os.PathLike) -> list[str]:
+    """Sample ids of a HEST root that have both a WSI and a metadata file, sorted."""
+    root = Path(root)
+    wsis = {p.name[: -len(".tif")] for p in (root / HestKeys.WSI_DIR).glob("*.tif")}
+    metas = {p.stem for p in (root / HestKeys.META_DIR).glob("*.json")}
+    return sorted(wsis & metas)
+
+
+def _find(folder: Path, name: str) -> Path | None:
+    exact = folder / name
+    if exact.is_file():
+        return exact
+    found = sorted(folder.glob(f"*{name}")) if folder.is_dir() else []
+    return found[0] if found else None
+
+
+def read_hest(
+    root: str | os.PathLike,
+    sample_id: str | None = None,
+    mpp: float | None = None,
+    segmentation: Literal["cell", "nucleus", "none"] = "cell",
+    assign: Literal["auto", "cell_id", "polygons"] = "auto",
+    min_qv: float = MIN_QV,
+    progress: bool = True,
+) -> Sample:
+    """Read one HEST-1k Xenium sample as a single-cell Sample (files listed in the module docstring).
+
+    Parameters
+    ----------
+    root
+        The HEST folder holding ``wsis/``, ``metadata/``, ``transcripts/`` and ``xenium_seg/``.
+    sample_id
+        The HEST id (e.g. ``TENX95``); may be omitted when the root holds a single sample.
+    mpp
+        Overrides the metadata's pixel size.
+    segmentation
+        Which 10x segmentation gives the cells and their centres: whole cells or nuclei; "none" uses the
+        transcripts' cell_id groups and their mean positions.
+    assign
+        How transcripts find their cell: the file's ``cell_id`` ("auto" when present) or the polygons.
+
+    Returns
+    -------
+    A Sample whose ``layers["counts"]`` are Q``min_qv`` transcripts per cell (controls dropped),
+    ``obsm["spatial"]`` polygon centroids in H&E pixels, ``obs["n_transcripts"]``, ``obs["area_um2"]`` (with a
+    segmentation), and ``uns["gcmoe"]["provenance"]`` with the files, both pixel sizes and the filter tallies.
+    """
+    root = Path(root)
+    if not is_hest_root(root):
+        raise InvalidSampleError(f"{root} is not a HEST-1k folder: it needs wsis/ and metadata/ sub-folders")
+    ids = list_hest_samples(root)
+    if sample_id is None:
+        if len(ids) != 1:
+            raise InvalidSampleError(
+                f"{root} holds {len(ids)} HEST samples {ids[:10]}; choose one with --sample-id (or data.sample_ids)"
+            )
+        sample_id = ids[0]
+    if sample_id not in ids:
+        raise InvalidSampleError(f"HEST sample {sample_id!r} not found in {root} (wsis/ + metadata/); available: {ids[:20]}")
+
+    meta_path = root / HestKeys.META_DIR / HestKeys.META.format(id=sample_id)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InvalidSampleError(f"cannot read HEST metadata {meta_path} ({exc})") from exc
+    tech = str(meta.get(HestKeys.TECHNOLOGY, "Xenium"))
+    if "xenium" not in tech.lower():
+        raise InvalidSampleError(
+            f"HEST sample {sample_id} is {tech}, not Xenium: only Xenium samples have single-cell transcripts; "
+            "spot data (Visium, ST) cannot give per-cell expression"
+        )
+    estimated = _float_or_none(meta.get(HestKeys.MPP_ESTIMATED))
+    embedded = _float_or_none(meta.get(HestKeys.MPP_EMBEDDED))
+    if differs(estimated, embedded):
+        log.warning(
+            "HEST %s: pixel_size_um_estimated=%.4f and pixel_size_um_embedded=%.4f differ; using the estimated one "
+            "(HEST's own choice); give --mpp to override", sample_id, estimated, embedded,
+        )
+    mpp_source = "argument" if mpp is not None else (HestKeys.MPP_ESTIMATED if estimated else HestKeys.MPP_EMBEDDED)
+    mpp = check_mpp(mpp if mpp is not None else (estimated or embedded), sample_id, f"{meta_path.name}: {mpp_source}")
+
+    image = open_image(root / HestKeys.WSI_DIR / HestKeys.WSI.format(id=sample_id))
+    tx_path = _find(root / HestKeys.TRANSCRIPTS_DIR, HestKeys.TRANSCRIPTS.format(id=sample_id))
+    if tx_path is None:
+        raise InvalidSampleError(
+            f"HEST sample {sample_id}: {HestKeys.TRANSCRIPTS_DIR}/{HestKeys.TRANSCRIPTS.format(id=sample_id)} not "
+            f"found under {root}; download HEST's transcripts/ folder for this sample (cells are built from it)"
+        )
+    polygons = seg_path = None
+    if segmentation != "none":
+        stem = HestKeys.SEG.format(id=sample_id, kind=segmentation)
+        seg_dir = root / HestKeys.SEG_DIR
+        seg_path = _find(seg_dir, stem + ".parquet") or _find(seg_dir, stem + ".geojson")
+        if seg_path is None:
+            log.warning("HEST %s: no %s/%s.parquet; cell centres are the mean transcript positions",
+                        sample_id, HestKeys.SEG_DIR, stem)
+        else:
+            polygons = read_polygons(seg_path)
+
+    tc = aggregate_transcripts(
+        tx_path, HestKeys.X, HestKeys.Y, cell_ids=polygons.ids if polygons is not None else None,
+        polygons=polygons, assign=assign, min_qv=min_qv, progress=progress,
+    )
+    n_per_cell = np.asarray(tc.counts.sum(axis=1)).ravel()
+    if polygons is not None and tc.stats["counted"] == 0:
+        raise InvalidSampleError(
+            f"HEST sample {sample_id}: no transcript matched a cell of {seg_path.name} "
+            f"(segmentation ids e.g. {polygons.ids[:3]}); the transcripts' cell_id and the segmentation's ids do "
+            "not match: use --assign polygons, or check that both files belong to the same sample"
+        )
+    if polygons is not None:
+        xy = polygons.centroids()  # same order as tc.cell_ids (the polygons' ids)
+        area_um2 = polygons.areas() * mpp**2
+        centre_source = seg_path.name
+    else:
+        xy, area_um2, centre_source = tc.mean_xy, None, "mean transcript position"
+    keep = n_per_cell > 0
+    n_empty = int((~keep).sum())
+    if n_empty:
+        log.info("HEST %s: %d cells without counted transcripts are left out", sample_id, n_empty)
+    keep &= inside_image(np.where(keep[:, None], xy, 0.0), image.shape, sample_id, mpp, centre_source)
+    rows = np.flatnonzero(keep)
+    obs = pd.DataFrame({"n_transcripts": n_per_cell[rows].astype(np.int64)})
+    if area_um2 is not None:
+        obs["area_um2"] = area_um2[rows]
+    provenance = {
+        "format": "hest",
+        "root": str(root.resolve()),
+        "files": {"image": str(image.path), "metadata": str(meta_path), "transcripts": str(tx_path),
+                  "segmentation": str(seg_path) if seg_path else None},
+        "mpp_source": mpp_source,
+        "mpp_estimated": estimated,
+        "mpp_embedded": embedded,
+        "centres": centre_source,
+        "assignment": assign,
+        "min_qv": min_qv,
+        "transcripts": tc.stats,
+        "cells_without_transcripts": n_empty,
+        "metadata": {k: meta[k] for k in HestKeys.KEPT_META if k in meta},
+    }
+    sample = Sample.from_arrays(
+        tc.counts[rows], xy[rows], image, mpp, tc.genes, sample_id,
+        cell_ids=[tc.cell_ids[i] for i in rows], obs=obs, provenance=uns_safe(provenance),
+    )
+    if embedded is not None and differs(embedded, mpp):
+        sample.adata.uns[Key.UNS][UnsKey.MPP_EMBEDDED] = float(embedded)
+    return sample
+
+
+def _float_or_none(value) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) and v > 0 else None

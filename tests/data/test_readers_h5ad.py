@@ -1,0 +1,190 @@
+"""Generic AnnData + image reader, format detection, the dispatcher and polygon parsing."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from gcmoe.data.image import write_tiff
+from gcmoe.data.readers import detect_format, read_h5ad, read_polygons, read_sample, read_samples
+from gcmoe.data.readers.polygons import PolygonIndex, Polygons, wkb_exterior
+from gcmoe.errors import ImageReadError, InvalidSampleError
+
+REALDATA = Path(os.environ.get("GCMOE_REALDATA", "/work/shared/realdata"))
+
+
+def _anndata_pair(tmp_path: Path, n: int = 30, types=("T cell", "B cell", "Fibroblast", "Tumour", "Endo")):
+    rng = np.random.default_rng(1)
+    write_tiff(tmp_path / "he.tif", np.full((100, 150, 3), 200, dtype=np.uint8), mpp=0.4)
+    ad = anndata.AnnData(X=rng.poisson(2.0, (n, 5)).astype(np.float32),
+                         obs=pd.DataFrame({"annot": rng.choice(types, n)}, index=[f"c{i}" for i in range(n)]))
+    ad.var_names = [f"G{i}" for i in range(5)]
+    ad.obsm["spatial"] = np.column_stack([rng.uniform(0, 149, n), rng.uniform(0, 99, n)])
+    ad.write_h5ad(tmp_path / "cells.h5ad")
+    return ad
+
+
+def test_h5ad_with_image_and_any_cell_types(tmp_path):
+    ad = _anndata_pair(tmp_path)
+    assert detect_format(tmp_path / "cells.h5ad") == "h5ad"
+    s = read_sample(tmp_path / "cells.h5ad", image=tmp_path / "he.tif", cell_type_key="annot")
+    assert s.mpp == pytest.approx(0.4)  # from the TIFF's resolution tags
+    assert list(s.adata.obs["cell_type"]) == list(ad.obs["annot"])
+    np.testing.assert_allclose(s.spatial, ad.obsm["spatial"])
+    np.testing.assert_array_equal(np.asarray(s.counts), ad.X)
+    assert s.adata.uns["gcmoe"]["provenance"]["mpp_source"].endswith("resolution tags")
+    assert read_h5ad(tmp_path / "cells.h5ad", image=tmp_path / "he.tif", mpp=0.25).mpp == 0.25
+    # written as a Sample, it is detected as one and reads back the same
+    s.write(tmp_path / "s.h5ad")
+    assert detect_format(tmp_path / "s.h5ad") == "sample"
+    back = read_samples([tmp_path / "s.h5ad"])[0]
+    assert back.n_cells == s.n_cells and list(back.adata.obs["cell_type"]) == list(ad.obs["annot"])
+
+
+def test_h5ad_errors_say_what_to_fix(tmp_path):
+    ad = _anndata_pair(tmp_path)
+    with pytest.raises(InvalidSampleError, match="--image"):
+        read_h5ad(tmp_path / "cells.h5ad")
+    with pytest.raises(InvalidSampleError, match="no obs column 'celltype'.*annot"):
+        read_h5ad(tmp_path / "cells.h5ad", image=tmp_path / "he.tif", cell_type_key="celltype")
+    ad.X = np.log1p(ad.X)
+    ad.write_h5ad(tmp_path / "norm.h5ad")
+    with pytest.raises(InvalidSampleError, match="raw counts are needed"):
+        read_h5ad(tmp_path / "norm.h5ad", image=tmp_path / "he.tif")
+    ad = _anndata_pair(tmp_path)
+    ad.obsm["spatial"] = ad.obsm["spatial"] / 0.4 * 3  # pixels of a 3x larger level
+    ad.write_h5ad(tmp_path / "big.h5ad")
+    with pytest.raises(InvalidSampleError, match=r"extend to \(\d+, \d+\) px .* but the image is 150 x 100 px"):
+        read_h5ad(tmp_path / "big.h5ad", image=tmp_path / "he.tif")
+    write_tiff(tmp_path / "nompp.tif", np.full((100, 150, 3), 200, dtype=np.uint8), mpp=40.0)
+    with pytest.raises(InvalidSampleError, match="implausible"):
+        read_h5ad(tmp_path / "cells.h5ad", image=tmp_path / "nompp.tif")
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00garbage")
+    with pytest.raises(ImageReadError, match="cannot read"):
+        read_h5ad(tmp_path / "cells.h5ad", image=tmp_path / "broken.tif", mpp=0.5)
+    with pytest.raises(InvalidSampleError, match="unknown data format 'visium'"):
+        read_sample(tmp_path / "cells.h5ad", "visium")
+    with pytest.raises(InvalidSampleError, match="give --format"):
+        detect_format(tmp_path)
+
+
+def _wkb(ring, order="<", z=False, multi=False) -> bytes:
+    pts = np.column_stack([ring, np.zeros(len(ring))]) if z else ring
+    code = 1003 if z else 3
+    body = struct.pack(order + "I", 1) + struct.pack(order + "I", len(pts)) + pts.astype(order + "f8").tobytes()
+    poly = struct.pack("B", 1 if order == "<" else 0) + struct.pack(order + "I", code) + body
+    if multi:
+        small = struct.pack("<BII", 1, 3, 1) + struct.pack("<I", 3) + np.array([[0, 0], [1, 0], [0, 1.0]]).astype("<f8").tobytes()
+        return struct.pack("<BII", 1, 6, 2) + small + poly
+    return poly
+
+
+def test_wkb_variants_and_polygon_files(tmp_path):
+    square = np.array([[0, 0], [4, 0], [4, 4], [0, 4], [0, 0.0]])
+    for kw in ({}, {"order": ">"}, {"z": True}, {"multi": True}):
+        np.testing.assert_allclose(wkb_exterior(_wkb(square, **kw)), square)
+    # 10x vertex rows
+    rows = pd.DataFrame({"cell_id": [b"a-1"] * 5 + [b"b-1"] * 5,
+                         "vertex_x": np.r_[square[:, 0], square[:, 0] + 10], "vertex_y": np.r_[square[:, 1], square[:, 1]]})
+    rows.to_parquet(tmp_path / "cell_boundaries.parquet")
+    polys = read_polygons(tmp_path / "cell_boundaries.parquet")
+    assert polys.ids == ["a-1", "b-1"]
+    np.testing.assert_allclose(polys.centroids(), [[2, 2], [12, 2]])
+    np.testing.assert_allclose(polys.areas(), [16, 16])
+    # GeoJSON
+    fc = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "id": "x", "geometry": {"type": "Polygon", "coordinates": [square.tolist()]}}]}
+    (tmp_path / "s.geojson").write_text(json.dumps(fc))
+    assert read_polygons(tmp_path / "s.geojson").ids == ["x"]
+    # GeoParquet with duplicated ids is refused
+    t = pa.table({"cell_id": ["a", "a"], "geometry": [_wkb(square), _wkb(square)]})
+    pq.write_table(t, tmp_path / "dup.parquet")
+    with pytest.raises(InvalidSampleError, match="duplicated cell ids"):
+        read_polygons(tmp_path / "dup.parquet")
+
+
+def test_point_in_polygon_index_matches_brute_force():
+    rng = np.random.default_rng(2)
+    centres = np.array([[x, y] for x in range(5, 100, 12) for y in range(5, 100, 12)], dtype=float)
+    angles = np.linspace(0, 2 * np.pi, 9)[:-1]
+    rings = [c + rng.uniform(3, 5) * np.column_stack([np.cos(angles), np.sin(angles)]) for c in centres]
+    index = PolygonIndex(Polygons([str(i) for i in range(len(rings))], rings))
+    pts = rng.uniform(0, 100, (5000, 2))
+    got = index.assign(pts, chunk=777)
+    from matplotlib.path import Path as MplPath
+
+    want = np.full(len(pts), -1)
+    for i, r in enumerate(rings):
+        want[MplPath(r).contains_points(pts)] = i
+    assert (got == want).mean() > 0.999 and (want >= 0).sum() > 100
+
+
+@pytest.mark.skipif(not REALDATA.is_dir(), reason="no real data under /work/shared/realdata (set GCMOE_REALDATA)")
+def test_real_data_folders_read():
+    """Every folder of the real-data area that a reader recognises reads into a valid Sample."""
+    read_any = 0
+    for path in sorted(REALDATA.iterdir()):
+        try:
+            fmt = detect_format(path)
+        except InvalidSampleError:
+            continue
+        if fmt == "hest":
+            from gcmoe.data.readers import list_hest_samples
+
+            samples = [read_sample(path, "hest", sample_id=sid, progress=False) for sid in list_hest_samples(path)[:1]]
+        elif fmt == "h5ad":
+            continue  # needs an image path
+        else:
+            samples = [read_sample(path, fmt)]
+        for s in samples:
+            assert s.n_cells > 0 and len(s.genes) > 0
+            read_any += 1
+    if not read_any:
+        pytest.skip(f"{REALDATA} holds no folder in a supported layout")
+
+
+@pytest.mark.slow
+def test_cv_on_anndata_with_its_own_cell_types(tmp_path):
+    """`gcmoe cv --data cells.h5ad --image he.tif --cell-type-key ...` with 5 types of the data's own names."""
+    from typer.testing import CliRunner
+
+    from gcmoe.cli import app
+    from gcmoe.config import TissueConfig
+    from gcmoe.data.virtual_tissue import simulate_tissue
+
+    t = simulate_tissue(TissueConfig(n_cells=300, height=600, width=600, n_genes=60, n_reference_cells=600, seed=4,
+                                     n_cell_types=5))
+    names = {"type_0": "Tumour cells", "type_1": "Lymphocytes", "type_2": "Macrophages", "type_3": "Stroma",
+             "type_4": "Ducts"}
+    s = t.sample
+    write_tiff(tmp_path / "he.tif", s.image.read_region(0, 0, 600, 600), mpp=s.mpp)
+    ad = anndata.AnnData(X=s.adata.layers["counts"].copy(),
+                         obs=pd.DataFrame({"annotation": s.adata.obs["cell_type"].astype(str).map(names).to_numpy()},
+                                          index=s.adata.obs_names))
+    ad.var_names = s.adata.var_names
+    ad.obsm["spatial"] = s.spatial
+    ad.write_h5ad(tmp_path / "cells.h5ad")
+    ref = t.reference.copy()
+    ref.obs["cell_type"] = ref.obs["routing_type"].astype(str).map(names).astype("category")
+    del ref.uns["gcmoe"]
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    (tmp_path / "run.yaml").write_text("train:\n  max_epochs: 3\n  patience: 3\ntargets:\n  n_top_genes: 20\n")
+    result = CliRunner().invoke(app, [
+        "cv", "--config", str(tmp_path / "run.yaml"), "--data", str(tmp_path / "cells.h5ad"),
+        "--image", str(tmp_path / "he.tif"), "--cell-type-key", "annotation", "--reference", str(tmp_path / "ref.h5ad"),
+        "--models", "stnet,gcmoe", "--out", str(tmp_path / "run"),
+    ])
+    assert result.exit_code == 0, result.output
+    (d,) = json.loads((tmp_path / "run" / "results.json").read_text())["datasets"].values()
+    assert d["routing"]["source"] == "obs" and sorted(d["routing"]["types"]) == sorted(names.values())
+    assert d["prior"]["types"].keys() == set(names.values())
+    assert all(np.isfinite(e["mean"]) for e in d["models"].values())

@@ -1,0 +1,232 @@
+"""HEST-1k Xenium reader: a HEST-layout folder written from a small virtual tissue, read back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import scipy.sparse as sp
+
+from gcmoe._constants import Key, UnsKey
+from gcmoe.config import TissueConfig
+from gcmoe.data.image import write_tiff
+from gcmoe.data.readers import aggregate_transcripts, detect_format, read_hest, read_sample
+from gcmoe.errors import InvalidSampleError
+
+SID = "TENX00"
+RADIUS = 3.0  # polygon radius, px; transcripts fall within RADIUS / 2 of the centre
+
+
+def _wkb_polygon(ring: np.ndarray) -> bytes:
+    closed = np.vstack([ring, ring[:1]])
+    return struct.pack("<BII", 1, 3, 1) + struct.pack("<I", len(closed)) + closed.astype("<f8").tobytes()
+
+
+def _octagon(centre: np.ndarray) -> np.ndarray:
+    angles = np.arange(8) * np.pi / 4
+    return centre + RADIUS * np.column_stack([np.cos(angles), np.sin(angles)])
+
+
+def write_hest_folder(root: Path, sample, sample_id: str = SID, cell_id_column: bool = True,
+                      bytes_names: bool = False, seg: bool = True, meta: dict | None = None, seed: int = 0) -> dict:
+    """Write ``sample`` in HEST-1k's layout: wsis/, metadata/, transcripts/, xenium_seg/ (GeoParquet)."""
+    rng = np.random.default_rng(seed)
+    for d in ("wsis", "metadata", "transcripts", "xenium_seg"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    img = sample.image.read_region(0, 0, sample.image.shape[1], sample.image.shape[0])
+    write_tiff(root / "wsis" / f"{sample_id}.tif", img, sample.mpp)
+    metadata = {"pixel_size_um_estimated": sample.mpp, "pixel_size_um_embedded": sample.mpp, "st_technology": "Xenium",
+                "organ": "Breast"}
+    metadata.update(meta or {})
+    (root / "metadata" / f"{sample_id}.json").write_text(json.dumps(metadata))
+    counts = sp.coo_matrix(sample.counts)
+    cell_ids = np.array([f"cell{i:05d}-1" for i in range(sample.n_cells)])
+    genes = np.array(sample.genes)
+    rows = np.repeat(counts.row, counts.data.astype(int))
+    cols = np.repeat(counts.col, counts.data.astype(int))
+    xy = sample.spatial[rows]
+    r = rng.uniform(0, RADIUS / 2, len(rows))
+    a = rng.uniform(0, 2 * np.pi, len(rows))
+    frame = pd.DataFrame({
+        "transcript_id": np.arange(len(rows)),
+        "cell_id": cell_ids[rows],
+        "feature_name": genes[cols],
+        "qv": rng.uniform(20, 40, len(rows)),
+        "he_x": xy[:, 0] + r * np.cos(a),
+        "he_y": xy[:, 1] + r * np.sin(a),
+    })
+    n_extra = 300
+    pick = rng.integers(0, sample.n_cells, n_extra)
+    extra = pd.DataFrame({  # each must be dropped: low quality, control features, unassigned
+        "transcript_id": np.arange(n_extra) + len(rows),
+        "cell_id": np.where(np.arange(n_extra) < 200, cell_ids[pick], "UNASSIGNED"),
+        "feature_name": np.select([np.arange(n_extra) < 100, np.arange(n_extra) < 150, np.arange(n_extra) < 200],
+                                  [genes[0], "NegControlProbe_00042", "BLANK_0006"], genes[1]),
+        "qv": np.where(np.arange(n_extra) < 100, 10.0, 35.0),
+        "he_x": sample.spatial[pick, 0],
+        "he_y": sample.spatial[pick, 1],
+    })
+    extra.loc[200:, "he_x"] = 1.0  # unassigned transcripts lie away from cells (for polygon assignment)
+    extra.loc[200:, "he_y"] = 1.0
+    tx = pd.concat([frame, extra], ignore_index=True).sample(frac=1.0, random_state=seed)
+    if not cell_id_column:
+        tx = tx.drop(columns="cell_id")
+    table = pa.Table.from_pandas(tx, preserve_index=False)
+    if bytes_names:
+        table = table.set_column(table.schema.get_field_index("feature_name"), "feature_name",
+                                 pa.array([s.encode() for s in tx["feature_name"]], pa.binary()))
+    pq.write_table(table, root / "transcripts" / f"{sample_id}_transcripts.parquet", row_group_size=2_000)
+    if seg:
+        polys = [_wkb_polygon(_octagon(c)) for c in sample.spatial]
+        gdf = pd.DataFrame({"geometry": polys}, index=pd.Index(cell_ids))  # geopandas stores the id as the index
+        t = pa.Table.from_pandas(gdf)
+        geo = {"version": "1.0.0", "primary_column": "geometry",
+               "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Polygon"]}}}
+        t = t.replace_schema_metadata({**t.schema.metadata, b"geo": json.dumps(geo).encode()})
+        pq.write_table(t, root / "xenium_seg" / f"{sample_id}_xenium_cell_seg.parquet")
+    return {"cell_ids": cell_ids, "n_tx": len(rows)}
+
+
+@pytest.fixture(scope="module")
+def tissue():
+    from gcmoe.data.virtual_tissue import simulate_tissue
+
+    return simulate_tissue(TissueConfig(n_cells=400, height=600, width=600, n_genes=60, n_reference_cells=800, seed=3))
+
+
+def _truth(sample, cell_ids):
+    """Counts of the cells that have any, keyed like the reader's cell ids."""
+    dense = np.asarray(sp.csr_matrix(sample.counts).todense())
+    keep = dense.sum(1) > 0
+    return pd.DataFrame(dense[keep], index=cell_ids[keep], columns=sample.genes), sample.spatial[keep]
+
+
+def test_hest_reads_cells_from_transcripts_and_polygons(tmp_path, tissue, caplog):
+    info = write_hest_folder(tmp_path, tissue.sample)
+    assert detect_format(tmp_path) == "hest"
+    with caplog.at_level(logging.INFO):
+        s = read_hest(tmp_path, progress=False)  # the only sample of the root
+    truth, xy = _truth(tissue.sample, info["cell_ids"])
+    got = pd.DataFrame(np.asarray(s.counts.todense()), index=s.adata.obs_names, columns=s.genes)
+    assert set(got.index) == set(truth.index)
+    pd.testing.assert_frame_equal(got.loc[truth.index, truth.columns], truth, check_dtype=False)
+    # centres are the polygons' centroids, which are the cells' centres
+    np.testing.assert_allclose(s.spatial[got.index.get_indexer(truth.index)], xy, atol=1e-6)
+    assert s.mpp == tissue.sample.mpp and s.sample_id == SID
+    prov = s.adata.uns[Key.UNS][UnsKey.PROVENANCE]
+    assert prov["format"] == "hest" and prov["mpp_source"] == "pixel_size_um_estimated"
+    assert prov["transcripts"]["low_quality"] == 100 and prov["transcripts"]["control"] == 100
+    assert prov["transcripts"]["unassigned"] == 100 and prov["transcripts"]["counted"] == info["n_tx"]
+    assert "area_um2" in s.adata.obs and np.allclose(s.adata.obs["area_um2"], 2 * np.sqrt(2) * RADIUS**2 * s.mpp**2)
+    assert not any(g.startswith(("NegControl", "BLANK")) for g in s.genes)
+
+
+def test_hest_polygon_assignment_matches_cell_ids(tmp_path, tissue):
+    info = write_hest_folder(tmp_path, tissue.sample, cell_id_column=False, bytes_names=True)
+    s = read_sample(tmp_path, "hest", sample_id=SID, progress=False)
+    truth, _ = _truth(tissue.sample, info["cell_ids"])
+    got = pd.DataFrame(np.asarray(s.counts.todense()), index=s.adata.obs_names, columns=s.genes)
+    pd.testing.assert_frame_equal(got.loc[truth.index, truth.columns], truth, check_dtype=False)
+    assert s.adata.uns[Key.UNS][UnsKey.PROVENANCE]["assignment"] == "auto"
+
+
+def test_hest_without_segmentation_uses_mean_transcript_position(tmp_path, tissue):
+    write_hest_folder(tmp_path, tissue.sample, seg=False)
+    s = read_hest(tmp_path, SID, progress=False)
+    truth_xy = tissue.sample.spatial[np.asarray(tissue.sample.counts.sum(1)).ravel() > 0]
+    assert s.n_cells == len(truth_xy)
+    idx = np.array([int(c[4:9]) for c in s.adata.obs_names])
+    assert np.abs(s.spatial - tissue.sample.spatial[idx]).max() < RADIUS / 2 + 1e-9
+    assert s.adata.uns[Key.UNS][UnsKey.PROVENANCE]["centres"] == "mean transcript position"
+
+
+def test_hest_prefers_estimated_pixel_size_and_records_embedded(tmp_path, tissue, caplog):
+    write_hest_folder(tmp_path, tissue.sample, meta={"pixel_size_um_embedded": 2.5})
+    with caplog.at_level(logging.WARNING):
+        s = read_hest(tmp_path, SID, progress=False)
+    assert s.mpp == tissue.sample.mpp
+    assert s.adata.uns[Key.UNS][UnsKey.MPP_EMBEDDED] == 2.5
+    assert "differ" in caplog.text
+
+
+def test_aggregation_is_the_same_in_small_batches(tmp_path, tissue):
+    write_hest_folder(tmp_path, tissue.sample)
+    path = tmp_path / "transcripts" / f"{SID}_transcripts.parquet"
+    big = aggregate_transcripts(path, progress=False)
+    small = aggregate_transcripts(path, batch_size=997, progress=False)
+    order = [small.cell_ids.index(c) for c in big.cell_ids]
+    gorder = [small.genes.index(g) for g in big.genes]
+    assert (big.counts != small.counts[order][:, gorder]).nnz == 0
+    np.testing.assert_allclose(big.mean_xy, small.mean_xy[order])
+    assert big.stats["counted"] == small.stats["counted"]
+
+
+def test_hest_errors_name_the_problem(tmp_path, tissue):
+    write_hest_folder(tmp_path / "a", tissue.sample)
+    write_hest_folder(tmp_path / "a", tissue.sample, sample_id="TENX01")
+    with pytest.raises(InvalidSampleError, match="holds 2 HEST samples.*--sample-id"):
+        read_hest(tmp_path / "a", progress=False)
+    with pytest.raises(InvalidSampleError, match="'TENX99' not found.*TENX00"):
+        read_hest(tmp_path / "a", "TENX99", progress=False)
+    os.remove(tmp_path / "a" / "transcripts" / "TENX01_transcripts.parquet")
+    with pytest.raises(InvalidSampleError, match="transcripts/TENX01_transcripts.parquet not found"):
+        read_hest(tmp_path / "a", "TENX01", progress=False)
+    write_hest_folder(tmp_path / "v", tissue.sample, meta={"st_technology": "Visium"})
+    with pytest.raises(InvalidSampleError, match="Visium, not Xenium"):
+        read_hest(tmp_path / "v", progress=False)
+    # polygons in micrometres instead of pixels: centres run past the image
+    big = tissue.sample.adata.copy()
+    write_hest_folder(tmp_path / "u", tissue.sample, meta={"pixel_size_um_estimated": 0.2})
+    with pytest.raises(InvalidSampleError, match="implausible|outside"):
+        read_hest(tmp_path / "u", mpp=0.01, progress=False)
+    del big
+
+
+def test_hest_centres_outside_the_image_say_so(tmp_path, tissue):
+    write_hest_folder(tmp_path, tissue.sample)
+    seg = tmp_path / "xenium_seg" / f"{SID}_xenium_cell_seg.parquet"
+    t = pq.read_table(seg)
+    scaled = [_wkb_polygon(_octagon(c * 3.0)) for c in tissue.sample.spatial]
+    pq.write_table(t.set_column(0, "geometry", pa.array(scaled, pa.binary())), seg)
+    with pytest.raises(InvalidSampleError, match=r"extend to .* but the image is 600 x 600 px.*are they micrometres"):
+        read_hest(tmp_path, SID, progress=False)
+
+
+@pytest.mark.slow
+def test_cv_end_to_end_on_a_hest_folder(tmp_path, tissue):
+    """`gcmoe cv --data <HEST root> --sample-id ...` runs the whole comparison."""
+    from typer.testing import CliRunner
+
+    from gcmoe.cli import app
+    from gcmoe.pipeline import write_h5ad
+
+    root = tmp_path / "hest"
+    write_hest_folder(root, tissue.sample)
+    write_h5ad(tissue.reference, tmp_path / "ref.h5ad")
+    (tmp_path / "run.yaml").write_text("train:\n  max_epochs: 3\n  patience: 3\ntargets:\n  n_top_genes: 20\n")
+    result = CliRunner().invoke(app, [
+        "cv", "--config", str(tmp_path / "run.yaml"), "--data", str(root), "--sample-id", SID,
+        "--reference", str(tmp_path / "ref.h5ad"), "--models", "stnet,gcmoe", "--out", str(tmp_path / "run"),
+    ])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    (name, d), = results["datasets"].items()
+    assert name == SID and d["n_cells"] > 300
+    assert set(d["models"]) == {"ST-Net*", "GC-MoE"}
+    assert all(np.isfinite(e["mean"]) for e in d["models"].values())
+    assert d["routing"]["source"] == "transfer"  # HEST cells carry no types: transferred from the reference
+
+    # convert once, then the Sample .h5ad runs the same way
+    out = tmp_path / "s.h5ad"
+    result = CliRunner().invoke(app, ["convert", "--data", str(root), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert detect_format(out) == "sample"
+    assert read_sample(out).n_cells == d["n_cells"]

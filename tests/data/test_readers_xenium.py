@@ -1,0 +1,150 @@
+"""10x Xenium reader: an output folder in 10x's layout (experiment.xenium, cells.parquet, the HDF5 or MEX
+matrix, a registered H&E with its alignment CSV), written from a small synthetic slide and read back."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.io
+import scipy.sparse as sp
+
+from gcmoe.data.image import write_tiff
+from gcmoe.data.readers import detect_format, read_alignment, read_feature_matrix, read_sample, read_xenium
+from gcmoe.errors import InvalidSampleError
+
+PIXEL_SIZE = 0.2125
+HE_MPP = 0.5
+THETA = np.deg2rad(7.0)
+
+
+def he_to_morph() -> np.ndarray:
+    """An affine H&E px -> morphology px: rotation, scale HE_MPP / PIXEL_SIZE, translation."""
+    s = HE_MPP / PIXEL_SIZE
+    c, n = np.cos(THETA) * s, np.sin(THETA) * s
+    return np.array([[c, -n, 120.0], [n, c, 340.0], [0.0, 0.0, 1.0]])
+
+
+def write_h5_matrix(path: Path, counts: sp.spmatrix, barcodes, names, types) -> None:
+    """The 10x HDF5 feature-barcode layout: genes x cells CSC under matrix/."""
+    m = sp.csc_matrix(sp.csr_matrix(counts).T)
+    with h5py.File(path, "w") as f:
+        g = f.create_group("matrix")
+        g["data"], g["indices"], g["indptr"] = m.data.astype(np.int32), m.indices.astype(np.int64), m.indptr.astype(np.int64)
+        g["shape"] = np.array(m.shape, dtype=np.int32)
+        g["barcodes"] = np.array([b.encode() for b in barcodes])
+        feats = g.create_group("features")
+        feats["id"] = np.array([f"ENSG{i:08d}".encode() for i in range(len(names))])
+        feats["name"] = np.array([n.encode() for n in names])
+        feats["feature_type"] = np.array([t.encode() for t in types])
+        feats["genome"] = np.array([b"GRCh38"] * len(names))
+
+
+@pytest.fixture
+def slide():
+    rng = np.random.default_rng(0)
+    image = np.full((300, 400, 3), (230, 170, 200), dtype=np.uint8)
+    xy = np.column_stack([rng.uniform(10, 390, 60), rng.uniform(10, 290, 60)])
+    counts = rng.poisson(3.0, size=(60, 8))
+    return image, xy, counts
+
+
+def write_xenium_folder(folder: Path, slide, mex: bool = False, keypoints: bool = False, version="xenium-2.0.0.10") -> dict:
+    image, xy, counts = slide
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "experiment.xenium").write_text(json.dumps(
+        {"major_version": 5, "analysis_sw_version": version, "pixel_size": PIXEL_SIZE, "panel_name": "Test panel",
+         "region_name": "region_1"}))
+    ids = [f"aaab{i:04d}-1" for i in range(len(xy))]
+    morph = (he_to_morph() @ np.column_stack([xy, np.ones(len(xy))]).T).T[:, :2]
+    um = morph * PIXEL_SIZE
+    # cells.parquet in a different order than the matrix, ids as bytes (as in some 10x files)
+    order = np.arange(len(ids))[::-1]
+    pd.DataFrame({"cell_id": [ids[i].encode() for i in order], "x_centroid": um[order, 0], "y_centroid": um[order, 1],
+                  "cell_area": np.full(len(ids), 40.0), "transcript_counts": counts.sum(1)[order]}).to_parquet(
+        folder / "cells.parquet")
+    genes = [f"GENE{j}" for j in range(counts.shape[1])]
+    controls = ["NegControlProbe_00001", "BLANK_0001", "UnassignedCodeword_0002"]
+    full = np.hstack([counts, np.ones((len(ids), 3), dtype=int)])
+    types = ["Gene Expression"] * len(genes) + ["Negative Control Probe", "Blank Codeword", "Unassigned Codeword"]
+    if mex:
+        d = folder / "cell_feature_matrix"
+        d.mkdir()
+        with gzip.open(d / "matrix.mtx.gz", "wb") as fh:
+            scipy.io.mmwrite(fh, sp.coo_matrix(full.T))
+        with gzip.open(d / "barcodes.tsv.gz", "wt") as fh:
+            fh.write("\n".join(ids) + "\n")
+        with gzip.open(d / "features.tsv.gz", "wt") as fh:
+            fh.write("".join(f"ENSG{i}\t{n}\t{t}\n" for i, (n, t) in enumerate(zip(genes + controls, types))))
+    else:
+        write_h5_matrix(folder / "cell_feature_matrix.h5", full, ids, genes + controls, types)
+    write_tiff(folder / "sample_he_image.ome.tif", image, HE_MPP)
+    if keypoints:
+        pts = np.array([[10.0, 10.0], [380.0, 20.0], [200.0, 280.0], [50.0, 250.0]])
+        fixed = (he_to_morph() @ np.column_stack([pts, np.ones(4)]).T).T[:, :2] * PIXEL_SIZE
+        pd.DataFrame({"fixedX": fixed[:, 0], "fixedY": fixed[:, 1], "alignmentX": pts[:, 0], "alignmentY": pts[:, 1]}
+                     ).to_csv(folder / "sample_he_keypoints.csv", index=False)
+    else:
+        np.savetxt(folder / "sample_he_imagealignment.csv", he_to_morph(), delimiter=",")
+    return {"ids": ids, "genes": genes, "um": um}
+
+
+@pytest.mark.parametrize("mex,keypoints", [(False, False), (True, False), (False, True)])
+def test_xenium_folder_maps_cells_onto_the_he(tmp_path, slide, mex, keypoints):
+    info = write_xenium_folder(tmp_path, slide, mex=mex, keypoints=keypoints)
+    assert detect_format(tmp_path) == "xenium"
+    s = read_sample(tmp_path)
+    _, xy, counts = slide
+    order = [info["ids"].index(c) for c in s.adata.obs_names]
+    np.testing.assert_allclose(s.spatial, xy[order], atol=1e-6)
+    assert s.genes == info["genes"]  # controls dropped
+    np.testing.assert_array_equal(np.asarray(sp.csr_matrix(s.counts).todense()), counts[order])
+    assert s.mpp == pytest.approx(HE_MPP)
+    np.testing.assert_allclose(s.adata.obsm["spatial_um"], info["um"][order])
+    assert "cell_area" in s.adata.obs and s.sample_id == "region_1"
+    prov = s.adata.uns["gcmoe"]["provenance"]
+    assert prov["format"] == "xenium" and prov["features_dropped"] == 3
+    assert prov["mpp_image_tags"] == pytest.approx(HE_MPP)
+
+
+def test_alignment_is_read_as_he_to_morphology(tmp_path):
+    np.savetxt(tmp_path / "a.csv", he_to_morph(), delimiter=",")
+    np.testing.assert_allclose(read_alignment(tmp_path / "a.csv"), he_to_morph())
+    (tmp_path / "bad.csv").write_text("1,0\n0,1\n")
+    with pytest.raises(InvalidSampleError, match="3x3 affine"):
+        read_alignment(tmp_path / "bad.csv")
+
+
+def test_feature_matrix_h5_layout(tmp_path):
+    counts = sp.random(5, 4, density=0.5, random_state=0, format="csr") * 10
+    counts.data = np.round(counts.data)
+    write_h5_matrix(tmp_path / "m.h5", counts, [f"c{i}" for i in range(5)], list("abcd"), ["Gene Expression"] * 4)
+    m, barcodes, feats = read_feature_matrix(tmp_path / "m.h5")
+    assert barcodes == [f"c{i}" for i in range(5)] and feats["name"].tolist() == list("abcd")
+    np.testing.assert_array_equal(m.toarray(), counts.toarray())
+
+
+def test_xenium_errors(tmp_path, slide):
+    write_xenium_folder(tmp_path, slide)
+    cells = pd.read_parquet(tmp_path / "cells.parquet")
+    cells["cell_id"] = [f"zzz{i}" for i in range(len(cells))]
+    cells.to_parquet(tmp_path / "cells.parquet")
+    with pytest.raises(InvalidSampleError, match="do not match"):
+        read_xenium(tmp_path)
+    other = tmp_path / "b"
+    write_xenium_folder(other, slide)
+    (other / "sample_he_image.ome.tif").unlink()
+    with pytest.raises(InvalidSampleError, match="--image"):
+        read_xenium(other)
+    with pytest.warns(UserWarning, match="not one this reader was checked against"):
+        write_xenium_folder(tmp_path / "c", slide, version="xenium-9.0.0")
+        read_xenium(tmp_path / "c")
+    # an alignment that does not belong to this image: cells fall off the H&E
+    np.savetxt(other / "sample_he_imagealignment.csv", np.diag([0.1, 0.1, 1.0]), delimiter=",")
+    with pytest.raises(InvalidSampleError, match="but the image is 400 x 300 px"):
+        read_xenium(other, image=tmp_path / "sample_he_image.ome.tif", mpp=0.5)
