@@ -64,6 +64,11 @@ def test_region_outside_image_is_white(tiny_sample):
         (dict(spatial=np.full((10, 2), np.nan)), "NaN or infinite"),
         (dict(counts=np.zeros((0, 3)), spatial=np.zeros((0, 2))), "no cells"),
         (dict(genes=["a", "a", "c"]), "duplicated gene"),
+        (dict(counts=np.full((10, 3), np.inf)), "NaN or infinite"),
+        (dict(mpp=0.01), "implausible"),
+        (dict(sample_id="../../outside"), "cannot be used"),
+        (dict(sample_id="a/b"), "cannot be used"),
+        (dict(sample_id=".."), "cannot be used"),
     ],
 )
 def test_bad_input_is_refused(over, message):
@@ -106,3 +111,8 @@ def test_missing_image_is_reported(tiny_sample, tmp_path):
 
 def test_uns_records_mpp(tiny_sample):
     assert tiny_sample.adata.uns[Key.UNS][UnsKey.MPP] == 0.5
+
+
+def test_ordinary_sample_ids_are_accepted():
+    for sid in ("TENX95", "Xenium_V1_FFPE Human-Breast.rep1", "s"):
+        assert Sample.from_arrays(**_args(sample_id=sid)).sample_id == sid

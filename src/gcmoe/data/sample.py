@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from gcmoe._constants import Key, UnsKey
 from gcmoe.data.image import ArrayImage, SlideImage, open_image, write_tiff
 from gcmoe.errors import InvalidSampleError
 
+# sample ids become file and folder names (caches, data/): no separators, no parent references
+_SAFE_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9_.\- ]{1,200}")
 MPP_PLAUSIBLE = (0.05, 10.0)  # um/px; H&E scans are 0.12-1 um/px, so values outside this are unit mistakes
 
 
@@ -169,6 +172,11 @@ def validate_sample(sample: Sample) -> None:
     if not isinstance(meta, Mapping) or UnsKey.SAMPLE_ID not in meta or UnsKey.MPP not in meta:
         raise InvalidSampleError(f"uns['{Key.UNS}'] must hold '{UnsKey.SAMPLE_ID}' and '{UnsKey.MPP}'")
     sid = meta[UnsKey.SAMPLE_ID]
+    if not _SAFE_ID.fullmatch(str(sid)) or str(sid) in (".", ".."):
+        raise InvalidSampleError(
+            f"sample id {str(sid)!r} cannot be used: sample ids name files and folders, so they may hold only "
+            "letters, digits, '.', '_', '-' and spaces (no '/', '\\' or '..'); give another one (--sample-id)"
+        )
     try:
         mpp = float(meta[UnsKey.MPP])
     except (TypeError, ValueError):
