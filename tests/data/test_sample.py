@@ -69,6 +69,7 @@ def test_region_outside_image_is_white(tiny_sample):
         (dict(sample_id="../../outside"), "cannot be used"),
         (dict(sample_id="a/b"), "cannot be used"),
         (dict(sample_id=".."), "cannot be used"),
+        (dict(sample_id=".hidden"), "cannot be used"),
     ],
 )
 def test_bad_input_is_refused(over, message):
@@ -114,5 +115,5 @@ def test_uns_records_mpp(tiny_sample):
 
 
 def test_ordinary_sample_ids_are_accepted():
-    for sid in ("TENX95", "Xenium_V1_FFPE Human-Breast.rep1", "s"):
+    for sid in ("TENX95", "Xenium_V1_FFPE Human-Breast.rep1", "s", "patient#3 (left)"):
         assert Sample.from_arrays(**_args(sample_id=sid)).sample_id == sid

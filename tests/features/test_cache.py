@@ -13,7 +13,7 @@ from gcmoe.features import FeatureCache, cache_key, extract_features_with_stats
 def small(paint_he, sample_of):
     rng = np.random.default_rng(0)
     xy = np.column_stack([rng.uniform(0, 150, 50), rng.uniform(0, 100, 50)])
-    return sample_of(paint_he((100, 150), None), xy, sample_id="small/slide 1")
+    return sample_of(paint_he((100, 150), None), xy, sample_id="small:slide 1")
 
 
 def test_round_trip_hit_skips_the_encoder(small, box_encoder, tmp_path):

@@ -25,7 +25,7 @@ from gcmoe.data.image import ArrayImage, SlideImage, open_image, write_tiff
 from gcmoe.errors import InvalidSampleError
 
 # sample ids become file and folder names (caches, data/): no separators, no parent references
-_SAFE_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9_.\- ]{1,200}")
+_SAFE_ID = re.compile(r"[^./\\\x00-\x1f][^/\\\x00-\x1f]{0,199}")
 MPP_PLAUSIBLE = (0.05, 10.0)  # um/px; H&E scans are 0.12-1 um/px, so values outside this are unit mistakes
 
 
@@ -174,8 +174,8 @@ def validate_sample(sample: Sample) -> None:
     sid = meta[UnsKey.SAMPLE_ID]
     if not _SAFE_ID.fullmatch(str(sid)) or str(sid) in (".", ".."):
         raise InvalidSampleError(
-            f"sample id {str(sid)!r} cannot be used: sample ids name files and folders, so they may hold only "
-            "letters, digits, '.', '_', '-' and spaces (no '/', '\\' or '..'); give another one (--sample-id)"
+            f"sample id {str(sid)!r} cannot be used: sample ids name files and folders, so they may not hold "
+            "'/', '\\' or control characters, nor start with '.'; give another one (--sample-id)"
         )
     try:
         mpp = float(meta[UnsKey.MPP])
