@@ -46,6 +46,41 @@ def test_predict_writes_documented_fields(trained, tmp_path):
 
 
 @pytest.mark.slow
+def test_from_a_model_folder_and_a_bare_image_to_an_h5ad_and_a_report(trained, tmp_path):
+    """The user's path: model folder + H&E (nuclei detected) -> predictions -> plot and offline HTML report."""
+    from html.parser import HTMLParser
+
+    folder, root = trained
+    runner = CliRunner()
+    pred = tmp_path / "pred.h5ad"
+    result = runner.invoke(app, ["predict", "--model", str(folder), "--slide", str(root / "new" / "slide.tif"),
+                                 "--detect", "--out", str(pred)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["report", str(pred)])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "pred.html").read_text()
+
+    class Tags(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.images, self.tables, self.external = 0, 0, []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            self.images += tag == "img" and attrs.get("src", "").startswith("data:image/png;base64,")
+            self.tables += tag == "table"
+            self.external += [v for k, v in attrs.items() if k in ("src", "href") and v and not v.startswith("data:")]
+
+    tags = Tags()
+    tags.feed(page)
+    assert tags.images == 1 and tags.tables >= 3 and not tags.external
+    assert "Cells per expert" in page and "GC-MoE" in page
+    result = runner.invoke(app, ["plot", "prediction", str(pred), "--genes", str(anndata.read_h5ad(pred).var_names[0])])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "pred.png").stat().st_size > 10_000 and (tmp_path / "pred.svg").is_file()
+
+
+@pytest.mark.slow
 def test_predict_with_detection(trained, tmp_path):
     folder, root = trained
     ad = predict_slide(folder, root / "new" / "slide.tif", tmp_path / "p.h5ad", detect=True, progress=False)

@@ -417,19 +417,36 @@ def plot_cv_cmd(run_dir: RunDirArg, out: PlotOutOpt = None) -> None:
     _plot(run_dir, "cv", out, lambda: plot_run_cv(run_dir))
 
 
+@plot_app.command("prediction")
+def plot_prediction_cmd(
+    prediction: Annotated[Path, typer.Argument(help="An .h5ad written by gcmoe predict.")],
+    genes: Annotated[Optional[str], typer.Option(help="Comma-separated genes (default the most variable).")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="The slide, if it moved since the prediction.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="File stem (default: beside the .h5ad).")] = None,
+) -> None:
+    """Maps of a prediction on its slide: the H&E, the experts and predicted genes."""
+    from gcmoe.plotting.spatial import plot_prediction
+
+    _plot(prediction.parent, "prediction", out or prediction.with_suffix(""),
+          lambda: plot_prediction(prediction, genes=_split(genes), image=image))
+
+
 @app.command()
 def report(
-    run_dir: RunDirArg,
-    out: Annotated[Optional[Path], typer.Option(help="Output .html (default RUN_DIR/report.html).")] = None,
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (gcmoe cv, gcmoe demo) or a prediction .h5ad (gcmoe predict).")],
+    out: Annotated[Optional[Path], typer.Option(help="Output .html (default RUN_DIR/report.html, or PRED.html).")] = None,
     max_cells: Annotated[int, typer.Option(help="Cells in the t-SNE (seeded subsample).")] = 3000,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """One self-contained HTML page with the tables and figures of a run (readable offline)."""
+    """One self-contained HTML page with the tables and figures of a run, or of a `gcmoe predict` .h5ad."""
     _setup_logging(verbose)
-    from gcmoe.report import write_report
+    from gcmoe.report import write_prediction_report, write_report
 
     try:
-        path = write_report(run_dir, out, max_cells=max_cells)
+        if run_dir.suffix == ".h5ad":
+            path = write_prediction_report(run_dir, out)
+        else:
+            path = write_report(run_dir, out, max_cells=max_cells)
     except GcmoeError as exc:
         _fail(exc)
     typer.echo(f"report: {path}")

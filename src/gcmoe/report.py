@@ -1,4 +1,5 @@
-"""``gcmoe report RUN_DIR``: one self-contained HTML page with the tables and figures of a run.
+"""``gcmoe report RUN_DIR`` (or ``PRED.h5ad``): one self-contained HTML page with the tables and figures of a
+run, or of a prediction on a new slide.
 
 The page (``report.html`` in the run folder) embeds every figure as a base64 PNG and needs no network or
 other file to display. A figure the run cannot make (no MoE model, no saved GC-MoE variants, no image, an
@@ -102,6 +103,66 @@ def write_report(
         parts.append(f'<h2 id="config">Settings</h2><details><summary>config.yaml</summary><pre>{_e(config.read_text())}'
                      "</pre></details>")
     parts += ["</body>", "</html>"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def write_prediction_report(prediction: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                            image: str | os.PathLike | None = None, n_genes: int = 3) -> Path:
+    """Write the HTML report of a `gcmoe predict` output (default: beside it, ``<name>.html``); returns its path.
+
+    The page holds the model and slide, the cells per expert (GC-MoE), the predicted genes' ranges, and the
+    maps on the H&E (:func:`gcmoe.plotting.spatial.plot_prediction`), the figure embedded as a PNG.
+    """
+    import anndata
+    import numpy as np
+
+    from gcmoe._constants import Key
+    from gcmoe.plotting._style import figure_png
+    from gcmoe.plotting.spatial import plot_prediction
+
+    prediction = Path(prediction)
+    fig = plot_prediction(prediction, image=image, n_genes=n_genes)  # also checks the file
+    adata = anndata.read_h5ad(prediction)
+    meta = dict(adata.uns.get(Key.UNS, {}))
+    model = dict(meta.get("model", {}))
+    out = Path(out) if out is not None else prediction.with_suffix(".html")
+    rows = [("model", f"{model.get('display_name', '?')} ({model.get('model', '?')})"),
+            ("slide", str(meta.get("slide", image))), ("pixel size", f"{meta.get('mpp', '?')} um/px"),
+            ("cells", f"{adata.n_obs} (from {meta.get('cells', '?')})"), ("genes", str(adata.n_vars)),
+            ("target scale", str(dict(meta.get("target", {})).get("transform", "?"))),
+            ("made", f"{meta.get('created', '?')} with gcmoe {meta.get('gcmoe_version', '?')}")]
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en">',
+        '<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>gcmoe prediction: {_e(prediction.name)}</title><style>{_CSS}</style></head>", "<body>",
+        f"<h1>gcmoe prediction: {_e(prediction.name)}</h1>",
+        "<table><tbody>" + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows) + "</tbody></table>",
+    ]
+    if "expert" in adata.obs:
+        counts = adata.obs["expert"].astype(str).value_counts()
+        mean_p = np.asarray(adata.obsm["routing"]).max(axis=1).mean() if "routing" in adata.obsm else None
+        parts.append('<h2 id="experts">Cells per expert</h2><table><thead><tr><th>expert</th><th>cells</th>'
+                     "<th>share</th></tr></thead><tbody>" + "".join(
+                         f"<tr><td>{_e(t)}</td><td>{n}</td><td>{_pct(n / adata.n_obs, 1)}</td></tr>"
+                         for t, n in counts.items()) + "</tbody></table>"
+                     + (f"<p>Mean probability of the chosen expert: {mean_p:.3f}.</p>" if mean_p is not None else ""))
+    x = np.asarray(adata.X, dtype=np.float32)
+    q = np.percentile(x, [5, 50, 95], axis=0) if adata.n_obs else np.zeros((3, adata.n_vars))
+    order = np.argsort(x.std(axis=0))[::-1] if adata.n_obs else np.arange(adata.n_vars)
+    parts.append('<h2 id="genes">Predicted genes</h2><details><summary>5th, 50th and 95th percentile of each gene '
+                 "over cells, most variable first</summary><table><thead><tr><th>gene</th><th>5%</th><th>50%</th>"
+                 "<th>95%</th></tr></thead><tbody>" + "".join(
+                     f"<tr><td>{_e(adata.var_names[j])}</td><td>{q[0, j]:.3f}</td><td>{q[1, j]:.3f}</td>"
+                     f"<td>{q[2, j]:.3f}</td></tr>" for j in order) + "</tbody></table></details>")
+    png = base64.b64encode(figure_png(fig)).decode("ascii")
+    parts += ['<h2 id="figures">Maps</h2><section id="fig-prediction"><figure>'
+              f'<img src="data:image/png;base64,{png}" alt="Maps on the H&amp;E"><figcaption>The H&amp;E, the expert '
+              "each cell is routed to, and the predicted expression of the most variable genes (own colour scale "
+              "per panel).</figcaption></figure></section>", "</body>", "</html>"]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")

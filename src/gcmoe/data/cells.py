@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gcmoe.data.readers.polygons import ring_centroid
 from gcmoe.errors import InvalidSampleError
 
 X_COLUMNS = ("x", "x_centroid", "centroid_x", "he_x")
@@ -77,25 +78,14 @@ def _as_str(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _polygon_centroid(ring: np.ndarray) -> tuple[np.ndarray, float]:
-    """Area centroid and area of a closed or open ring (n, 2) by the shoelace formula."""
-    x, y = ring[:, 0], ring[:, 1]
-    x1, y1 = np.roll(x, -1), np.roll(y, -1)
-    cross = x * y1 - x1 * y
-    area = cross.sum() / 2.0
-    if abs(area) < 1e-12:
-        return ring.mean(axis=0), 0.0
-    return np.array([((x + x1) * cross).sum(), ((y + y1) * cross).sum()]) / (6.0 * area), abs(area)
-
-
 def _geometry_centre(geom: dict) -> np.ndarray:
     kind, coords = geom.get("type"), geom.get("coordinates")
     if kind == "Point":
         return np.asarray(coords[:2], dtype=np.float64)
     if kind == "Polygon":
-        return _polygon_centroid(np.asarray(coords[0], dtype=np.float64)[:, :2])[0]
+        return ring_centroid(np.asarray(coords[0], dtype=np.float64)[:, :2])[0]
     if kind == "MultiPolygon":
-        parts = [_polygon_centroid(np.asarray(p[0], dtype=np.float64)[:, :2]) for p in coords]
+        parts = [ring_centroid(np.asarray(p[0], dtype=np.float64)[:, :2]) for p in coords]
         weights = np.array([a for _, a in parts])
         centres = np.stack([c for c, _ in parts])
         return centres.mean(axis=0) if weights.sum() == 0 else (centres * weights[:, None]).sum(0) / weights.sum()

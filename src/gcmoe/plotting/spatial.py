@@ -77,7 +77,7 @@ def plot_spatial_maps(
     region: Region,
     xy: np.ndarray,
     genes: Sequence[str],
-    measured: np.ndarray,
+    measured: np.ndarray | None,
     predictions: Mapping[str, np.ndarray],
     *,
     cell_type: np.ndarray | None = None,
@@ -100,24 +100,25 @@ def plot_spatial_maps(
     genes
         Names of the columns of ``measured`` and of every prediction.
     measured, predictions
-        (N, len(genes)) measured values and, per model (panel title), predicted values.
+        (N, len(genes)) measured values (None on a slide without them) and, per model (panel title), predicted
+        values.
     cell_type, expert
         Each cell's type and the expert it is routed to (argmax of the router); a panel each when given.
 
-    Layout: row 1 = tissue, cell types, experts; one row per gene = measured, then each model.
+    Layout: row 1 = tissue, cell types, experts; one row per gene = measured (when given), then each model.
     """
     xy = np.asarray(xy, dtype=float)
-    measured = np.asarray(measured)
     n = len(xy)
-    if measured.shape != (n, len(genes)):
-        raise ConfigError(f"measured has shape {measured.shape}; expected ({n}, {len(genes)}) for the cells and genes")
+    expected = (n, len(genes))
+    if measured is not None and np.asarray(measured).shape != expected:
+        raise ConfigError(f"measured has shape {np.asarray(measured).shape}; expected {expected} for the cells and genes")
     for name, p in predictions.items():
-        if np.asarray(p).shape != measured.shape:
-            raise ConfigError(f"prediction {name!r} has shape {np.asarray(p).shape}, measured {measured.shape}")
+        if np.asarray(p).shape != expected:
+            raise ConfigError(f"prediction {name!r} has shape {np.asarray(p).shape}; expected {expected}")
     x, y, w, h = region
     extent = (x, x + w, y + h, y)
     top = 1 + (cell_type is not None) + (expert is not None)
-    ncols = max(top, 1 + len(predictions))
+    ncols = max(top, (measured is not None) + len(predictions))
     nrows = 1 + len(genes)
     panel = 3.2
     aspect = h / max(w, 1)
@@ -157,11 +158,12 @@ def plot_spatial_maps(
     for c in range(top, ncols):
         fig.delaxes(axes[0, c])
     for r, gene in enumerate(genes, start=1):
-        panels = {"measured": measured[:, r - 1]} | {m: np.asarray(p)[:, r - 1] for m, p in predictions.items()}
+        panels = {"measured": np.asarray(measured)[:, r - 1]} if measured is not None else {}
+        panels |= {m: np.asarray(p)[:, r - 1] for m, p in predictions.items()}
         for c, (name, values) in enumerate(panels.items()):
             ax = axes[r, c]
             label = f"{gene}: {name}"
-            if c > 0:
+            if name != "measured" and "measured" in panels:
                 label += f" (r = {pearson(values, panels['measured']):.2f})"
             frame(ax, label)
             vmin, vmax = robust_limits(values)
@@ -235,4 +237,54 @@ def plot_run_spatial(
         cell_type=cell_type, expert=expert, categories=cats,
         expert_title=f"experts ({display.get(moe[-1], moe[-1])})" if moe else "experts",
         title=f"{sample}: {adata.n_obs} held-out cells ({where})",
+    )
+
+
+def plot_prediction(
+    prediction: str | os.PathLike,
+    *,
+    genes: Sequence[str] | None = None,
+    n_genes: int = 3,
+    image: str | os.PathLike | None = None,
+    max_side: int = 1200,
+) -> Figure:
+    """Maps of a `gcmoe predict` output on its slide: the H&E, the expert assignment (GC-MoE) and the
+    predicted expression of ``genes`` (default: the ``n_genes`` with the largest spread across cells).
+
+    ``image``: the slide, when it has moved since the prediction (default ``uns["gcmoe"]["slide"]``).
+    """
+    import anndata
+
+    from gcmoe._constants import Key
+    from gcmoe.data.image import open_image
+    from gcmoe.plotting._run import RunFolderError
+
+    path = Path(prediction)
+    if not path.is_file():
+        raise RunFolderError(f"prediction file not found: {path}")
+    adata = anndata.read_h5ad(path)
+    meta = dict(adata.uns.get(Key.UNS, {}))
+    if "slide" not in meta and image is None:
+        raise RunFolderError(f"{path} was not written by `gcmoe predict` (no uns['gcmoe']['slide']); give --image")
+    var = list(map(str, adata.var_names))
+    values = np.asarray(adata.X, dtype=np.float32)
+    if genes:
+        unknown = [g for g in genes if g not in var]
+        if unknown:
+            raise RunFolderError(f"genes {unknown} are not predicted by this model; it predicts {', '.join(var[:20])}"
+                                 f"{' ...' if len(var) > 20 else ''}")
+        genes = list(genes)
+    else:
+        genes = [var[j] for j in np.argsort(values.std(axis=0))[::-1][:n_genes]]
+    cols = [var.index(g) for g in genes]
+    slide = open_image(Path(image) if image is not None else Path(str(meta["slide"])))
+    xy = np.asarray(adata.obsm[Key.SPATIAL], dtype=float)
+    region = cells_region(xy, tuple(slide.shape))
+    expert = adata.obs["expert"].astype(str).to_numpy() if "expert" in adata.obs else None
+    types = [str(t) for t in meta.get("routing_types", [])] or None
+    model = dict(meta.get("model", {})).get("display_name", "model")
+    return plot_spatial_maps(
+        read_downsampled(slide, region, max_side), region, xy, genes, None, {f"predicted ({model})": values[:, cols]},
+        expert=expert, categories=types, expert_title=f"experts ({model})",
+        title=f"{Path(str(meta.get('slide', image))).name}: {adata.n_obs} cells predicted",
     )

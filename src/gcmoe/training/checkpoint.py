@@ -31,7 +31,8 @@ class CheckpointError(GcmoeError, OSError):
     """A model folder is missing a file, damaged, or of another format."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB pieces."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -66,7 +67,7 @@ def save_model(
         "n_genes": int(model.n_genes),
         "params": plain,
         "tensor_params": tensor_shapes,
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": sha256_file(weights),
         **metadata,
     }
     _atomic_text(folder / "model.json", json.dumps(meta, indent=2))
@@ -90,7 +91,7 @@ def load_model(folder: str | os.PathLike, device: str = "cpu") -> tuple[torch.nn
         raise CheckpointError(f"{meta_path} is not valid JSON ({exc})") from exc
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{folder}: unknown model format {meta.get('format')!r} (this gcmoe reads {FORMAT})")
-    if _sha256(weights) != meta.get("weights_sha256"):
+    if sha256_file(weights) != meta.get("weights_sha256"):
         raise CheckpointError(f"{weights} does not match the checksum in model.json: the file is damaged or was replaced")
     params = dict(meta["params"]) | {k: torch.zeros(shape) for k, shape in meta.get("tensor_params", {}).items()}
     model = create_model(meta["model"], meta["in_dim"], meta["n_genes"], **params)
