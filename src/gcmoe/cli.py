@@ -120,6 +120,7 @@ def cv(
     image: ImageOpt = None,
     mpp: MppOpt = None,
     cell_type_key: CellTypeKeyOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Reuse the finished (model, fold) pairs and training checkpoints in OUT.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Cross-validated comparison of models on a virtual tissue or on Samples; writes results.md/json."""
@@ -129,7 +130,7 @@ def cv(
     try:
         run_config = _run_config(config, data, reference, out, models, fmt=fmt, sample_ids=sample_id, image=image,
                                  mpp=mpp, cell_type_key=cell_type_key)
-        results = run_cv(run_config)
+        results = run_cv(run_config, resume=resume)
     except GcmoeError as exc:
         _fail(exc)
     _print_table(results, Path(run_config.out))
@@ -280,6 +281,7 @@ def extract(
     sample: Annotated[Path, typer.Argument(help="A Sample .h5ad written by gcmoe.")],
     out: Annotated[Path, typer.Option(help="Where to write the features (.npy, float32, cells x dims).")] = Path("features.npy"),
     encoder: Annotated[str, typer.Option(help="Encoder name (gcmoe list encoders).")] = "morphology",
+    weights: Annotated[Optional[Path], typer.Option(help="Local weights file of a foundation-model encoder (uni, conch, timm:*, open_clip:*).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder.")] = None,
     batch_size: Annotated[int, typer.Option(help="Tiles per encoder pass.")] = 4,
     device: Annotated[str, typer.Option()] = "cpu",
@@ -293,7 +295,8 @@ def extract(
     from gcmoe.features import extract_features
 
     try:
-        feats = extract_features(Sample.read(sample), encoder, cache_dir=cache_dir, batch_size=batch_size, device=device)
+        feats = extract_features(Sample.read(sample), encoder, cache_dir=cache_dir, batch_size=batch_size, device=device,
+                                 weights=weights)
     except GcmoeError as exc:
         _fail(exc)
     tmp = out.with_name(f".{out.name}.tmp.npy")

@@ -292,9 +292,19 @@ def build_model(entry, run: RunData, genes: list[str], config: RunConfig, target
     return model, params, data
 
 
-def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the cross-validated comparison described by ``config``; write and return the results mapping."""
+def run_cv(config: RunConfig, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Run the cross-validated comparison described by ``config``; write and return the results mapping.
+
+    Each finished (model, fold) is kept in ``<out>/cv_state`` and each training is checkpointed under
+    ``<out>/checkpoints/<model>/<fold>``; ``resume`` reuses both, so a crashed run continues where it stopped
+    (refused, naming what differs, when the settings or data changed).
+    """
+    import shutil
+
     import torch
+
+    from gcmoe.config import to_dict
+    from gcmoe.training.state import tensor_digest
 
     from gcmoe.data.genes import compute_targets, select_genes
     from gcmoe.data.splits import make_folds
@@ -316,6 +326,10 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         folds = make_folds(pooled.sample_ids, pooled.xy, config.cv.scheme, config.cv.n_folds,
                            config.train.val_fraction, config.train.seed)
         targets_all = compute_targets(pooled.counts, config.targets)
+        if not resume:
+            shutil.rmtree(out / "cv_state", ignore_errors=True)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        data_digest = {"features": tensor_digest(pooled.features), "targets": tensor_digest(targets_all)}
         per_model: dict[str, dict[str, Any]] = {e.display_name: _empty_entry() for e in entries}
         ceiling_folds: list[float] = []
         per_gene_rows: list[dict[str, Any]] = []
@@ -336,28 +350,48 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
             fold_preds: dict[str, np.ndarray] = {}  # model name -> test predictions (predictions/<fold>.h5ad)
             fold_routing: dict[str, np.ndarray] = {}
             for entry in entries:
-                seed_everything(config.train.seed + k)
-                model, params, data = build_model(entry, run, genes, config, targets_t, prior)
-                res = fit(model, data, fold.train, fold.val, replace(config.train, seed=config.train.seed + k),
-                          progress=progress, description=f"{entry.display_name} {fold.name} ({k + 1}/{len(folds)})")
-                fold_preds[entry.name] = predict(model, data, fold.test)
+                fold_config = replace(config.train, seed=config.train.seed + k)
+                state_path = out / "cv_state" / entry.name / fold.name
+                fingerprint = data_digest | {
+                    "model": entry.name, "params": json.dumps(_plain(config.model_params.get(entry.name, {})), sort_keys=True),
+                    "genes": ",".join(genes), "test": tensor_digest(np.asarray(fold.test)),
+                    "train": json.dumps(to_dict(fold_config) | {"device": None, "num_threads": None}, sort_keys=True),
+                }
+                done = _load_fold_state(state_path, fingerprint) if resume else None
+                if done is None:
+                    seed_everything(config.train.seed + k)
+                    model, params, data = build_model(entry, run, genes, config, targets_t, prior)
+                    res = fit(model, data, fold.train, fold.val, fold_config, progress=progress,
+                              description=f"{entry.display_name} {fold.name} ({k + 1}/{len(folds)})",
+                              checkpoint_dir=out / "checkpoints" / entry.name / fold.name, resume=resume,
+                              fingerprint={"model": entry.name, "genes": ",".join(genes)})
+                    pred = predict(model, data, fold.test)
+                    pi = None
+                    if getattr(model, "moe", False) and routing is not None:
+                        pi = collect(model, data, fold.test, lambda m, b: m.compute(**b).routing)
+                    if k == 0:
+                        _save_fold_model(model, entry, params, genes, fold.name, res, run, config, out / "models" / entry.name)
+                    done = {"prediction": pred, "routing": pi, "best_epoch": res.best_epoch,
+                            "seconds": round(res.seconds, 3), "train_cells_per_s": round(res.train_cells_per_s, 1)}
+                    _save_fold_state(state_path, done, fingerprint)
+                    shutil.rmtree(out / "checkpoints" / entry.name / fold.name, ignore_errors=True)  # kept in cv_state now
+                else:
+                    log.info("%s %s: taken from %s (resume)", entry.display_name, fold.name, state_path)
+                fold_preds[entry.name] = done["prediction"]
                 scores = score_genes(fold_preds[entry.name], true_test, genes)
                 rec = per_model[entry.display_name]
                 rec["folds"].append(scores.mean)
-                rec["best_epochs"].append(res.best_epoch)
-                rec["seconds"].append(round(res.seconds, 3))
-                rec["train_cells_per_s"].append(round(res.train_cells_per_s, 1))
+                rec["best_epochs"].append(done["best_epoch"])
+                rec["seconds"].append(done["seconds"])
+                rec["train_cells_per_s"].append(done["train_cells_per_s"])
                 rec["excluded_genes"].append(scores.excluded)
-                if getattr(model, "moe", False) and routing is not None:
-                    pi = collect(model, data, fold.test, lambda m, b: m.compute(**b).routing)
-                    fold_routing[entry.name] = pi
+                if done["routing"] is not None:
+                    fold_routing[entry.name] = done["routing"]
                     rec.setdefault("routing_accuracy_folds", []).append(
-                        float((pi.argmax(1) == routing.codes[fold.test]).mean()))
-                if k == 0:
-                    _save_fold_model(model, entry, params, genes, fold.name, res, run, config, out / "models" / entry.name)
+                        float((done["routing"].argmax(1) == routing.codes[fold.test]).mean()))
                 per_gene_rows += _gene_rows(entry.display_name, fold.name, scores)
                 log.info("%s %s: mean PCC %.4f over %d genes (best epoch %d, %.1f s)", entry.display_name, fold.name,
-                         scores.mean, len(genes) - len(scores.excluded), res.best_epoch, res.seconds)
+                         scores.mean, len(genes) - len(scores.excluded), done["best_epoch"], done["seconds"])
             _write_fold_predictions(out / "predictions" / f"{fold.name}.h5ad", fold.name, fold.test, genes, true_test,
                                     fold_preds, fold_routing, run, entries)
         ceiling, ceiling_std = summarize_folds(ceiling_folds) if ceiling_folds else (None, None)
@@ -396,6 +430,40 @@ def run_cv(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         handler.close()
 
 
+# --- what a finished (model, fold) leaves for a resumed run: predictions + numbers, no pickles ---
+
+
+def _save_fold_state(path: Path, done: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """``<path>.npz`` (prediction, routing) then ``<path>.json`` (numbers, fingerprint): the JSON marks it complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"prediction": done["prediction"]} | ({"routing": done["routing"]} if done["routing"] is not None else {})
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path.with_suffix(".npz"))
+    meta = {k: done[k] for k in ("best_epoch", "seconds", "train_cells_per_s")} | {"fingerprint": fingerprint}
+    tmp = path.with_name(f".{path.name}.tmp.json")
+    tmp.write_text(json.dumps(_jsonable(meta)))
+    os.replace(tmp, path.with_suffix(".json"))
+
+
+def _load_fold_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished (model, fold) of an earlier run, or None; refused when it was made with other settings or data."""
+    from gcmoe.training.checkpoint import CheckpointError
+
+    meta_path = path.with_suffix(".json")
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    saved = meta.get("fingerprint", {})
+    differs = [k for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k)]
+    if differs:
+        raise CheckpointError(f"cannot resume: {meta_path} was made by a different run (it differs in "
+                              f"{', '.join(differs)}); resume with the same settings and data, or use a new output folder")
+    with np.load(path.with_suffix(".npz"), allow_pickle=False) as arrays:
+        return {"prediction": arrays["prediction"], "routing": arrays["routing"] if "routing" in arrays else None,
+                "best_epoch": meta["best_epoch"], "seconds": meta["seconds"], "train_cells_per_s": meta["train_cells_per_s"]}
+
+
 # --- per-fold predictions and first-fold models, kept for figures and the report (docs/results.md) ---
 
 
@@ -429,6 +497,8 @@ def _write_fold_predictions(path: Path, fold_name: str, test: np.ndarray, genes:
         "genes": list(genes),
         "models": {e.name: e.display_name for e in entries if e.name in preds},
         "routing_types": types,
+        # each slide's image file, so figures can draw any input format (in-memory images are written to data/)
+        "images": {s.sample_id: str(Path(s.image.path).resolve()) for s in pooled.samples if s.image.path is not None},
     }
     write_h5ad(adata, path)
 

@@ -123,13 +123,17 @@ def label_order(labels: np.ndarray, preferred: Sequence[str] = ()) -> list[str]:
     return [t for t in preferred if t in present] + sorted(present - set(preferred))
 
 
-def open_sample_image(run_dir: str | os.PathLike, sample_id: str):
-    """The H&E image of ``sample_id``: from ``data/`` of the run, else from the samples its config.yaml lists."""
+def open_sample_image(run_dir: str | os.PathLike, sample_id: str, images: dict | None = None):
+    """The H&E image of ``sample_id``: the path the predictions recorded (``images``), else from ``data/`` of
+    the run, else from the Sample files its config.yaml lists."""
     import anndata
     import yaml
 
     from gcmoe.data.image import open_image
 
+    recorded = (images or {}).get(str(sample_id))
+    if recorded and Path(str(recorded)).is_file():
+        return open_image(Path(str(recorded)))
     run_dir = Path(run_dir)
     candidates = sorted((run_dir / "data").glob("*.h5ad")) if (run_dir / "data").is_dir() else []
     config = run_dir / "config.yaml"

@@ -219,7 +219,7 @@ def plot_run_spatial(
         r = np.array([pearson(best[:, j], measured_all[:, j]) for j in range(len(var))])
         genes = [var[j] for j in np.argsort(np.nan_to_num(r, nan=-2))[::-1][:n_genes]]
     cols = [var.index(g) for g in genes]
-    image = open_sample_image(run_dir, sample)
+    image = open_sample_image(run_dir, sample, dict(adata.uns.get(Key.UNS, {}).get("images", {})))
     xy = np.asarray(adata.obsm[Key.SPATIAL], dtype=float)
     region = cells_region(xy, tuple(image.shape))
     tissue = read_downsampled(image, region, max_side)

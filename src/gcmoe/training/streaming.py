@@ -41,6 +41,27 @@ DEFAULT_CHUNK = 16_384
 _ARRAYS = ("features", "targets", "neighbours", "positions", "cell_type")
 
 
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Buffers of slightly different sizes, allocated and freed one after another, fragment glibc's heap: without
+    this, resident memory creeps up with the number of buffers an epoch loads, i.e. with the number of cells.
+    """
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
 def spatial_order(xy_um: np.ndarray, sample_ids: np.ndarray | None = None, cell_um: float = 64.0) -> np.ndarray:
     """A permutation putting cells in Z-order (Morton) of ``cell_um`` squares, slide by slide."""
     xy = np.asarray(xy_um, dtype=np.float64)
@@ -189,8 +210,11 @@ class StreamingCells:
     ``cell_types``: pass routing labels in training.
     """
 
-    def __init__(self, store: CellStore, buffer_chunks: int = 4, neighbours: bool = True, cell_types: bool = True) -> None:
+    def __init__(self, store: CellStore, buffer_chunks: int = 4, neighbours: bool = True, cell_types: bool = True,
+                 eval_batch_size: int = 2048) -> None:
         self.store = store
+        # evaluation batches gather (B, M, D) neighbour features: a cap keeps that peak small and fixed
+        self.eval_batch_size = int(eval_batch_size)
         self.buffer_chunks = max(1, int(buffer_chunks))
         self.use_neighbours = neighbours and store.meta["max_neighbours"] > 0
         self.use_cell_types = cell_types
@@ -252,6 +276,8 @@ class StreamingCells:
             perm = local[torch.randperm(len(local), generator=generator)]
             for part in torch.tensor_split(perm, max(1, round(len(perm) / batch_size))):
                 yield data, part
+            del data
+            release_memory()
 
     def eval_batches(self, idx: np.ndarray, batch_size: int) -> Iterator[tuple[Any, Tensor, np.ndarray]]:
         """(buffer CellData, local rows, positions of those cells in ``idx``), chunk by chunk."""
@@ -263,6 +289,8 @@ class StreamingCells:
             local = idx[where] - own[0]
             for start in range(0, len(where), batch_size):
                 yield data, torch.from_numpy(local[start:start + batch_size]), where[start:start + batch_size]
+            del data
+            release_memory()
 
     def targets_of(self, idx: np.ndarray) -> np.ndarray:
         """Targets of cells ``idx`` (in that order)."""

@@ -187,12 +187,13 @@ def collect(
     device = next(model.parameters()).device
     if isinstance(data, StreamingCells):
         result = None
-        for source, local, where in data.eval_batches(np.asarray(idx), batch_size):
+        for source, local, where in data.eval_batches(np.asarray(idx), min(batch_size, data.eval_batch_size)):
             batch = source.inputs(local, train=False)
             values = fn(model, {k: v.to(device) for k, v in batch.items()}).float().cpu().numpy()
             if result is None:
                 result = np.empty((len(idx), *values.shape[1:]), dtype=np.float32)
             result[where] = values
+            del source, batch  # one buffer alive at a time
         model.train(was_training)
         return result if result is not None else np.zeros((0,), dtype=np.float32)
     out = []
@@ -358,6 +359,8 @@ def fit(
                 scaler.update()
                 total += float(loss.detach()) * len(idx)
                 n_seen += len(idx)
+                # drop this step's references before the next buffer of a cell store is loaded (one at a time)
+                del source, batch, target, out, pred, loss
             train_seconds += time.perf_counter() - t0
             model.on_validation_start(data, train_idx)
             r = pearson_per_gene(predict(model, data, val_idx), val_true)
