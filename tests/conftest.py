@@ -20,3 +20,20 @@ def tiny_sample() -> Sample:
         counts, xy, image, mpp=0.5, genes=[f"g{i}" for i in range(6)], sample_id="tiny",
         cell_type=np.where(np.arange(40) % 2 == 0, "neoplastic", "connective"),
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A cross-validated run folder: 300-cell virtual tissue, ST-Net*, GC-MoE without CAP and GC-MoE, 2 epochs,
+    3 strips (built once for the figure and report tests)."""
+    from gcmoe.config import RunConfig, TissueConfig
+    from gcmoe.pipeline import run_cv
+
+    root = tmp_path_factory.mktemp("run")
+    cfg = RunConfig(out=str(root), models=["stnet", "gcmoe_no_cap_c2ca", "gcmoe"])
+    cfg.data.tissue = TissueConfig(n_cells=300, height=400, width=400, n_genes=40, n_reference_cells=200, seed=2)
+    cfg.train.max_epochs = 2
+    cfg.targets.n_top_genes = 12
+    cfg.cv.n_folds = 3
+    run_cv(cfg, progress=False)
+    return root

@@ -9,8 +9,6 @@ import pytest
 from typer.testing import CliRunner
 
 from gcmoe.cli import app
-from gcmoe.config import RunConfig, TissueConfig
-from gcmoe.pipeline import run_cv
 from gcmoe.report import write_report
 
 pytestmark = pytest.mark.slow
@@ -52,15 +50,8 @@ class Structure(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    cfg = RunConfig(out=str(root), models=["stnet", "gcmoe_no_cap_c2ca", "gcmoe"])
-    cfg.data.tissue = TissueConfig(n_cells=300, height=400, width=400, n_genes=40, n_reference_cells=200, seed=2)
-    cfg.train.max_epochs = 2
-    cfg.targets.n_top_genes = 12
-    cfg.cv.n_folds = 3
-    run_cv(cfg, progress=False)
-    return root
+def run_dir(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
