@@ -57,11 +57,13 @@ SampleIdOpt = Annotated[Optional[list[str]], typer.Option("--sample-id", help="H
 ImageOpt = Annotated[Optional[Path], typer.Option("--image", help="h5ad/xenium: the H&E image the cells lie on (TIFF; .svs/.ndpi with the openslide extra).")]
 MppOpt = Annotated[Optional[float], typer.Option("--mpp", help="Micrometres per H&E pixel (default: from the data's metadata or the TIFF tags).")]
 CellTypeKeyOpt = Annotated[Optional[str], typer.Option("--cell-type-key", help="obs column holding cell types (any names, any number).")]
+StreamOpt = Annotated[bool, typer.Option("--stream", help="Train from an on-disk cell store in shuffled chunks (flat memory; ST-Net* and GC-MoE models): docs/scale.md.")]
 
 
 def _run_config(config: Path | None, data: list[Path] | None, reference: Path | None, out: Path | None,
                 models: str | None = None, *, fmt: str | None = None, sample_ids: list[str] | None = None,
-                image: Path | None = None, mpp: float | None = None, cell_type_key: str | None = None):
+                image: Path | None = None, mpp: float | None = None, cell_type_key: str | None = None,
+                stream: bool = False):
     """Settings from the YAML file (or the defaults), overridden by the command-line flags."""
     from gcmoe.config import RunConfig, from_dict, load_config, to_dict
 
@@ -80,6 +82,8 @@ def _run_config(config: Path | None, data: list[Path] | None, reference: Path | 
         run_config.models = [m.strip() for m in models.split(",") if m.strip()]
     if out:
         run_config.out = str(out)
+    if stream:
+        run_config.train.stream = True
     return run_config
 
 
@@ -121,6 +125,7 @@ def cv(
     mpp: MppOpt = None,
     cell_type_key: CellTypeKeyOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Reuse the finished (model, fold) pairs and training checkpoints in OUT.")] = False,
+    stream: StreamOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Cross-validated comparison of models on a virtual tissue or on Samples; writes results.md/json."""
@@ -129,7 +134,7 @@ def cv(
 
     try:
         run_config = _run_config(config, data, reference, out, models, fmt=fmt, sample_ids=sample_id, image=image,
-                                 mpp=mpp, cell_type_key=cell_type_key)
+                                 mpp=mpp, cell_type_key=cell_type_key, stream=stream)
         results = run_cv(run_config, resume=resume)
     except GcmoeError as exc:
         _fail(exc)
@@ -149,6 +154,7 @@ def train(
     reference: Annotated[Optional[Path], typer.Option(help="Labelled reference scRNA-seq .h5ad (GC-MoE's priors).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder; the model goes to OUT/model.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUT/checkpoints.")] = False,
+    stream: StreamOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train one model on all cells (early stopping on spatial validation blocks) and save its model folder."""
@@ -158,7 +164,7 @@ def train(
 
     try:
         run_config = _run_config(config, data, reference, out, fmt=fmt, sample_ids=sample_id, image=image, mpp=mpp,
-                                 cell_type_key=cell_type_key)
+                                 cell_type_key=cell_type_key, stream=stream)
         run_config.train.device = init_from_env(run_config.train.device)  # under torchrun: join the group
         folder = train_model(run_config, model, resume=resume)
     except GcmoeError as exc:
@@ -282,27 +288,33 @@ def extract(
     out: Annotated[Path, typer.Option(help="Where to write the features (.npy, float32, cells x dims).")] = Path("features.npy"),
     encoder: Annotated[str, typer.Option(help="Encoder name (gcmoe list encoders).")] = "morphology",
     weights: Annotated[Optional[Path], typer.Option(help="Local weights file of a foundation-model encoder (uni, conch, timm:*, open_clip:*).")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder; finished tiles are saved there as they go, so a rerun resumes. Required under torchrun, on storage every process sees.")] = None,
     batch_size: Annotated[int, typer.Option(help="Tiles per encoder pass.")] = 4,
     device: Annotated[str, typer.Option()] = "cpu",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Extract image features at every cell of a Sample (cached on disk)."""
+    """Extract image features at every cell of a Sample (cached on disk; under torchrun the tiles are split across processes)."""
     _setup_logging(verbose)
     import numpy as np
+    import torch
 
     from gcmoe.data.sample import Sample
     from gcmoe.features import extract_features
+    from gcmoe.training.distributed import init_from_env, is_main_process
 
     try:
+        device = init_from_env(device)  # under torchrun: join the group; each rank encodes its share of the tiles
         feats = extract_features(Sample.read(sample), encoder, cache_dir=cache_dir, batch_size=batch_size, device=device,
-                                 weights=weights)
+                                 weights=weights, distributed=True, progress=is_main_process())
     except GcmoeError as exc:
         _fail(exc)
-    tmp = out.with_name(f".{out.name}.tmp.npy")
-    np.save(tmp, feats)
-    tmp.replace(out)
-    typer.echo(f"wrote {out}: {feats.shape[0]} cells x {feats.shape[1]} features")
+    if is_main_process():
+        tmp = out.with_name(f".{out.name}.tmp.npy")
+        np.save(tmp, feats)
+        tmp.replace(out)
+        typer.echo(f"wrote {out}: {feats.shape[0]} cells x {feats.shape[1]} features")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @app.command()

@@ -79,6 +79,8 @@ class TrainConfig:
     num_threads: int | None = None  # torch CPU threads; None = torch's default
     checkpoint_every: int = 10  # epochs between resumable checkpoints (gcmoe train); 0 = only at the end
     amp: bool = False  # automatic mixed precision: float16 + loss scaling on CUDA, bfloat16 on the CPU
+    stream: bool = False  # train from an on-disk cell store in shuffled chunks, never all features in memory
+    buffer_chunks: int = 4  # with stream: chunks of 16,384 cells per shuffled buffer (memory ~ this x chunk x D)
 
 
 @dataclass

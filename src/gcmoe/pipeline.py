@@ -6,8 +6,8 @@
   "mean", "std", ...}}, ...}}, ...}`` (the schema is documented in docs/results.md);
 - ``results.md``: Table 1 (methods), Table 2 (GC-MoE ablations) and per-fold detail; ``per_gene.csv``;
 - ``config.yaml``: the resolved settings; ``log.txt``: the run's log;
-- ``data/``: the virtual tissue and its reference, when the data were generated; ``cache/``: cell features
-  and neighbour indices;
+- ``data/``: the virtual tissue and its reference, when the data were generated; ``cache/``: cell features,
+  neighbour indices and, with ``train.stream``, the run's cell store (gcmoe.run_store);
 - ``predictions/<fold>.h5ad``: each fold's test cells, measured targets and every model's prediction;
   ``models/<name>/``: each model as trained on the first fold (for figures: gcmoe.plotting, gcmoe.report).
 """
@@ -43,7 +43,8 @@ class PooledCells:
     samples: list[Sample]
     genes: list[str]
     counts: sp.csr_matrix  # cells x genes (shared genes)
-    features: np.ndarray  # cells x D, float32
+    features: np.ndarray | None  # cells x D, float32; None when the cells stream from a store (train.stream)
+    feature_dim: int
     xy: np.ndarray  # cells x 2, H&E pixels of each cell's own slide
     xy_um: np.ndarray  # cells x 2, micrometres of each cell's own slide
     sample_ids: np.ndarray  # cells, str
@@ -108,8 +109,12 @@ def write_h5ad(adata, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def pool_cells(samples: list[Sample], name: str, features: list[np.ndarray], targets: TargetConfig) -> PooledCells:
-    """Concatenate samples over their shared genes; carry cell types and the truth when all samples have them."""
+def pool_cells(samples: list[Sample], name: str, features: list[np.ndarray] | None, targets: TargetConfig,
+               feature_dim: int | None = None) -> PooledCells:
+    """Concatenate samples over their shared genes; carry cell types and the truth when all samples have them.
+
+    ``features`` None (with ``feature_dim``) pools everything but the features (they stay on disk: train.stream).
+    """
     genes = [g for g in samples[0].genes if all(g in set(s.genes) for s in samples[1:])]
     if not genes:
         raise InvalidSampleError(f"the samples {[s.sample_id for s in samples]} share no gene; check the gene panels")
@@ -132,7 +137,8 @@ def pool_cells(samples: list[Sample], name: str, features: list[np.ndarray], tar
         samples=samples,
         genes=genes,
         counts=counts,
-        features=np.concatenate(features).astype(np.float32),
+        features=None if features is None else np.concatenate(features).astype(np.float32),
+        feature_dim=int(feature_dim if features is None else features[0].shape[1]),
         xy=np.concatenate([s.spatial for s in samples]),
         xy_um=np.concatenate([s.spatial * s.mpp for s in samples]),
         sample_ids=np.concatenate([np.full(s.n_cells, s.sample_id) for s in samples]),
@@ -201,24 +207,31 @@ class RunData:
     neighbours: Any  # torch (N, M) long or None
     cache_dir: Path
     feature_seconds: float
+    store: Any = None  # gcmoe.run_store.RunStore when the cells stream from disk (train.stream)
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """Pooled cell indices as the rows models read: the same in memory, the store's rows when streaming."""
+        return np.asarray(idx) if self.store is None else self.store.rows[np.asarray(idx)]
 
 
 def prepare_run(config: RunConfig, out: Path, needs: set[str], progress: bool = True) -> RunData:
     """Load or generate the data, extract (cached) features, and build what the models need."""
     import torch
 
-    from gcmoe.features import extract_features
+    from gcmoe.features import create_encoder, extract_features
     from gcmoe.features.neighbours import cached_window_neighbours
 
     samples, reference, name = load_samples(config, out)
     if "coexpression" in needs and reference is None:
         raise ConfigError("GC-MoE's co-expression graphs need a labelled reference scRNA-seq set: set data.reference")
     cache_dir = Path(config.features.cache_dir) if config.features.cache_dir else out / "cache"
+    encoder = create_encoder(config.features.encoder, weights=config.features.weights)  # once: weights load once
+    if config.train.stream:
+        return _prepare_streaming(config, samples, reference, name, encoder, cache_dir, needs, progress)
     t0 = time.perf_counter()
     features = [
-        extract_features(s, config.features.encoder, cache_dir=cache_dir, batch_size=config.features.batch_size,
-                         device=config.features.device, progress=progress, tile_size=config.features.tile_size,
-                         weights=config.features.weights)
+        extract_features(s, encoder, cache_dir=cache_dir, batch_size=config.features.batch_size,
+                         device=config.features.device, progress=progress, tile_size=config.features.tile_size)
         for s in samples
     ]
     feature_seconds = time.perf_counter() - t0
@@ -238,6 +251,32 @@ def prepare_run(config: RunConfig, out: Path, needs: set[str], progress: bool = 
                  float((neighbours >= 0).sum(1).float().mean()), config.neighbours.window_um,
                  config.neighbours.max_neighbours)
     return RunData(pooled, reference, routing, neighbours, cache_dir, feature_seconds)
+
+
+def _prepare_streaming(config: RunConfig, samples: list[Sample], reference, name: str, encoder, cache_dir: Path,
+                       needs: set[str], progress: bool) -> RunData:
+    """RunData whose cells stream from a cell store written slide by slide (gcmoe.run_store)."""
+    from gcmoe.run_store import build_run_store
+
+    pooled = pool_cells(samples, name, None, config.targets, feature_dim=encoder.config.feature_dim)
+    routing = routing_labels(pooled, reference, config) if ("cell_types" in needs or reference is not None) else None
+    run_store = build_run_store(cache_dir, samples, pooled.genes, pooled.counts,
+                                routing.codes if routing is not None else None,
+                                list(routing.types) if routing is not None else [], encoder, config, progress)
+    return RunData(pooled, reference, routing, None, cache_dir, run_store.seconds, store=run_store)
+
+
+def check_streamable(entries: list, config: RunConfig) -> None:
+    """Refuse, before any work, models that cannot train from a cell store when ``train.stream`` is on."""
+    from gcmoe.run_store import STREAMABLE_NEEDS
+
+    if not config.train.stream:
+        return
+    bad = {e.display_name: sorted(e.needs - STREAMABLE_NEEDS) for e in entries if e.needs - STREAMABLE_NEEDS}
+    if bad:
+        detail = "; ".join(f"{k} needs {', '.join(v)} of all cells in memory" for k, v in bad.items())
+        raise ConfigError(f"train.stream: {detail}. Models that stream: ST-Net* and the GC-MoE family; train the "
+                          "others without --stream")
 
 
 def build_model(entry, run: RunData, genes: list[str], config: RunConfig, targets_t, prior=None):
@@ -260,7 +299,15 @@ def build_model(entry, run: RunData, genes: list[str], config: RunConfig, target
     if "neighbours" in entry.needs:
         params.setdefault("window_um", config.neighbours.window_um)
     pooled = run.pooled
-    model = create_model(entry.name, pooled.features.shape[1], len(genes), **params)
+    model = create_model(entry.name, pooled.feature_dim, len(genes), **params)
+    if run.store is not None:
+        from gcmoe.training.streaming import StreamingCells
+
+        check_streamable([entry], config)
+        cols = np.array([pooled.genes.index(g) for g in genes])
+        data = StreamingCells(run.store.store, config.train.buffer_chunks, neighbours="neighbours" in entry.needs,
+                              cell_types="cell_types" in entry.needs, target_columns=cols)
+        return model, params, data
     # wider contexts are built with the model's own geometry (its settings or their defaults), per slide
     windows = context = None
     if "windows" in entry.needs:
@@ -318,6 +365,7 @@ def run_cv(config: RunConfig, progress: bool = True, resume: bool = False) -> di
     try:
         names = models_in_table_order() if config.models == ["all"] else config.models
         entries = [get_model_entry(m) for m in names]  # fail early on an unknown name
+        check_streamable(entries, config)
         needs = set().union(*(e.needs for e in entries)) if entries else set()
         save_config(config, out / "config.yaml")
         started = time.perf_counter()
@@ -325,11 +373,15 @@ def run_cv(config: RunConfig, progress: bool = True, resume: bool = False) -> di
         pooled, routing = run.pooled, run.routing
         folds = make_folds(pooled.sample_ids, pooled.xy, config.cv.scheme, config.cv.n_folds,
                            config.train.val_fraction, config.train.seed)
-        targets_all = compute_targets(pooled.counts, config.targets)
         if not resume:
             shutil.rmtree(out / "cv_state", ignore_errors=True)
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        data_digest = {"features": tensor_digest(pooled.features), "targets": tensor_digest(targets_all)}
+        if run.store is None:
+            targets_all = compute_targets(pooled.counts, config.targets)
+            data_digest = {"features": tensor_digest(pooled.features), "targets": tensor_digest(targets_all)}
+        else:  # streaming: all targets live in the store; a fold's test targets are computed from its counts
+            targets_all = None
+            data_digest = {"store": str(run.store.store.meta["digest"])}
         per_model: dict[str, dict[str, Any]] = {e.display_name: _empty_entry() for e in entries}
         ceiling_folds: list[float] = []
         per_gene_rows: list[dict[str, Any]] = []
@@ -341,8 +393,12 @@ def run_cv(config: RunConfig, progress: bool = True, resume: bool = False) -> di
             if k == 0 and prior is not None:
                 prior_summary = prior.summary()
             cols = np.array([pooled.genes.index(g) for g in genes])
-            targets_t = torch.from_numpy(np.ascontiguousarray(targets_all[:, cols]))
-            true_test = targets_all[np.ix_(fold.test, cols)]
+            if targets_all is not None:
+                targets_t = torch.from_numpy(np.ascontiguousarray(targets_all[:, cols]))
+                true_test = targets_all[np.ix_(fold.test, cols)]
+            else:
+                targets_t = None
+                true_test = compute_targets(pooled.counts[fold.test], config.targets)[:, cols]
             if pooled.expected is not None:
                 cs = score_genes(pooled.expected[np.ix_(fold.test, cols)], true_test, genes)
                 ceiling_folds.append(cs.mean)
@@ -361,14 +417,14 @@ def run_cv(config: RunConfig, progress: bool = True, resume: bool = False) -> di
                 if done is None:
                     seed_everything(config.train.seed + k)
                     model, params, data = build_model(entry, run, genes, config, targets_t, prior)
-                    res = fit(model, data, fold.train, fold.val, fold_config, progress=progress,
+                    res = fit(model, data, run.rows(fold.train), run.rows(fold.val), fold_config, progress=progress,
                               description=f"{entry.display_name} {fold.name} ({k + 1}/{len(folds)})",
                               checkpoint_dir=out / "checkpoints" / entry.name / fold.name, resume=resume,
                               fingerprint={"model": entry.name, "genes": ",".join(genes)})
-                    pred = predict(model, data, fold.test)
+                    pred = predict(model, data, run.rows(fold.test))
                     pi = None
                     if getattr(model, "moe", False) and routing is not None:
-                        pi = collect(model, data, fold.test, lambda m, b: m.compute(**b).routing)
+                        pi = collect(model, data, run.rows(fold.test), lambda m, b: m.compute(**b).routing)
                     if k == 0:
                         _save_fold_model(model, entry, params, genes, fold.name, res, run, config, out / "models" / entry.name)
                     done = {"prediction": pred, "routing": pi, "best_epoch": res.best_epoch,
@@ -410,7 +466,8 @@ def run_cv(config: RunConfig, progress: bool = True, resume: bool = False) -> di
             "scheme": "strips" if folds[0].name.startswith("strip") else "leave_one_slide_out",
             "fold_names": [f.name for f in folds],
             "encoder": config.features.encoder,
-            "feature_dim": int(pooled.features.shape[1]),
+            "feature_dim": pooled.feature_dim,
+            "streamed": run.store is not None,
             "models": per_model,
         }
         if routing is not None:
@@ -512,7 +569,7 @@ def _save_fold_model(model, entry, params: dict[str, Any], genes: list[str], fol
     meta = {
         "genes": list(genes),
         "cell_types": list(run.routing.types) if run.routing is not None else [],
-        "encoder": _encoder_card(config.features.encoder, config.features.weights, int(run.pooled.features.shape[1])),
+        "encoder": _encoder_card(config.features.encoder, config.features.weights, run.pooled.feature_dim),
         "neighbours": to_dict(config.neighbours) if "neighbours" in entry.needs else None,
         "targets": to_dict(config.targets) | {"genes": list(genes)},
         "training_data": {"samples": sorted(set(run.pooled.sample_ids)), "fold": fold_name,
@@ -642,7 +699,6 @@ def train_model(config: RunConfig, model_name: str, progress: bool = True, resum
     from gcmoe.config import to_dict
     from gcmoe.data.genes import compute_targets, select_genes
     from gcmoe.data.splits import carve_validation
-    from gcmoe.features import create_encoder
     from gcmoe.models import get_model_entry
     from gcmoe.training.checkpoint import save_model
     from gcmoe.training.trainer import fit, seed_everything
@@ -655,6 +711,7 @@ def train_model(config: RunConfig, model_name: str, progress: bool = True, resum
     handler = _attach_log_file(out / "log.txt") if main else None
     try:
         entry = get_model_entry(model_name)
+        check_streamable([entry], config)
         if main:
             save_config(config, out / "config.yaml")
             run = prepare_run(config, out, set(entry.needs), progress)
@@ -672,18 +729,19 @@ def train_model(config: RunConfig, model_name: str, progress: bool = True, resum
         train_idx, val_idx = np.concatenate(train_parts), np.concatenate(val_parts)
         genes = select_genes(pooled.counts, pooled.genes, train_idx, config.targets)
         cols = np.array([pooled.genes.index(g) for g in genes])
-        targets_t = torch.from_numpy(np.ascontiguousarray(compute_targets(pooled.counts, config.targets)[:, cols]))
+        targets_t = None
+        if run.store is None:
+            targets_t = torch.from_numpy(np.ascontiguousarray(compute_targets(pooled.counts, config.targets)[:, cols]))
         seed_everything(config.train.seed)
         model, params, data = build_model(entry, run, genes, config, targets_t)
         fingerprint = {"model": entry.name, "params": json.dumps(_plain(params), sort_keys=True), "genes": ",".join(genes)}
-        res = fit(model, data, train_idx, val_idx, config.train, progress=progress, description=entry.display_name,
+        res = fit(model, data, run.rows(train_idx), run.rows(val_idx), config.train, progress=progress,
+                  description=entry.display_name,
                   checkpoint_dir=out / "checkpoints" / entry.name, resume=resume, fingerprint=fingerprint)
-        encoder = create_encoder(config.features.encoder, weights=config.features.weights)
         meta = {
             "genes": genes,
             "cell_types": run.routing.types if run.routing is not None else [],
-            "encoder": {"name": config.features.encoder, "target_mpp": encoder.config.target_mpp,
-                        "feature_dim": int(pooled.features.shape[1]), "weights": config.features.weights},
+            "encoder": _encoder_card(config.features.encoder, config.features.weights, pooled.feature_dim),
             "neighbours": to_dict(config.neighbours) if "neighbours" in entry.needs else None,
             "targets": to_dict(config.targets) | {"genes": genes},
             "training_data": {"samples": sorted(set(pooled.sample_ids)), "n_cells": int(len(all_idx)),

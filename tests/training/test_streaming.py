@@ -113,3 +113,18 @@ def test_write_with_an_order_remaps_the_neighbours(tmp_path):
         want = nbr[order[row]]
         got = nb[row]
         np.testing.assert_array_equal(np.where(got >= 0, order[got.clip(0)], -1), want)
+
+
+def test_target_columns_pick_genes_in_their_order(store):
+    x, y, nbr, xy, types = _cells()
+    cols = np.array([2, 0])
+    stream = StreamingCells(store, buffer_chunks=2, target_columns=cols)
+    assert stream.n_targets == 2 and stream.digest() != StreamingCells(store).digest()
+    np.testing.assert_array_equal(stream.targets_of(np.array([899, 5, 130])), y[[899, 5, 130]][:, cols])
+    for source, local in stream.train_batches(np.arange(900), 300, torch.Generator().manual_seed(0)):
+        assert source.targets.shape[1] == 2
+        got = source.features[local].numpy()
+        glob = [int(np.flatnonzero((x == f).all(1))[0]) for f in got]
+        np.testing.assert_array_equal(source.targets[local].numpy(), y[glob][:, cols])
+    with pytest.raises(ValueError, match="target_columns"):
+        StreamingCells(store, target_columns=np.array([3]))

@@ -15,6 +15,10 @@ An entry is written to a hidden temporary directory beside its final place and r
 directory that exists is complete; a second writer that loses the race discards its copy. Reading an
 entry checks its metadata and checksum: a mismatch or an unreadable file raises
 :class:`~gcmoe.errors.FeatureCacheError` naming the directory (delete it to recompute).
+
+While an extraction with a cache runs, its progress lies beside the entry in
+``.partial-<encoder name>-<key>/`` (part files of finished tiles, see :mod:`gcmoe.features.partial`);
+the entry itself is still written only here, by :meth:`FeatureCache.save`, once every cell has a feature.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ if TYPE_CHECKING:
 
     from gcmoe.data.sample import Sample
 
-__all__ = ["CACHE_FORMAT", "FeatureCache", "cache_key"]
+__all__ = ["CACHE_FORMAT", "FeatureCache", "cache_key", "to_float16"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,26 @@ def _safe(name: str) -> str:
 
 def _checksum(array: np.ndarray) -> str:
     return "sha256:" + hashlib.sha256(np.ascontiguousarray(array).view(np.uint8)).hexdigest()
+
+
+def to_float16(features: np.ndarray, sample_id: str, encoder_name: str) -> np.ndarray:
+    """``features`` as C-contiguous float16, refusing values that are not finite there.
+
+    Raises
+    ------
+    FeatureCacheError
+        When a value is NaN or beyond float16's range (|value| > 65504): the encoder needs rescaling.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        data = np.ascontiguousarray(features, dtype=np.float16)
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).any(axis=1).sum())
+        raise FeatureCacheError(
+            f"{bad} cells of sample {sample_id} have features that are not finite in float16 "
+            f"(|value| > 65504 or NaN; largest finite input {np.nanmax(np.abs(features)):.3g}) with encoder "
+            f"'{encoder_name}'; the encoder's output needs rescaling"
+        )
+    return data
 
 
 class FeatureCache:
@@ -128,8 +152,9 @@ class FeatureCache:
             )
         return array, meta
 
-    def load(self, sample: Sample, config: EncoderConfig) -> np.ndarray | None:
-        """Features (n_cells, D) float32 from the cache, or None when there is no entry.
+    def load(self, sample: Sample, config: EncoderConfig, dtype: Any = np.float32) -> np.ndarray | None:
+        """Features (n_cells, D) from the cache as ``dtype`` (float16: as stored, half the memory), or None
+        when there is no entry.
 
         Raises :class:`~gcmoe.errors.FeatureCacheError` when the entry is corrupt (checksum, metadata,
         unreadable chunks).
@@ -151,7 +176,7 @@ class FeatureCache:
                 f"delete {entry} to recompute them"
             )
         log.debug("feature cache hit: %s", entry)
-        return data.astype(np.float32)
+        return data.astype(dtype, copy=False)
 
     def save(self, sample: Sample, config: EncoderConfig, features: np.ndarray) -> Path:
         """Write ``features`` (n_cells, D) as float16, atomically; returns the entry directory.
@@ -165,15 +190,7 @@ class FeatureCache:
             raise ValueError(
                 f"features must be (n_cells, D) = ({sample.n_cells}, {config.feature_dim}), got {features.shape}"
             )
-        with np.errstate(over="ignore", invalid="ignore"):
-            data = np.ascontiguousarray(features, dtype=np.float16)
-        if not np.isfinite(data).all():
-            bad = int((~np.isfinite(data)).any(axis=1).sum())
-            raise FeatureCacheError(
-                f"{bad} cells of sample {sample.sample_id} have features that are not finite in float16 "
-                f"(|value| > 65504 or NaN; largest finite input {np.nanmax(np.abs(features)):.3g}) with encoder "
-                f"'{config.name}'; the encoder's output needs rescaling"
-            )
+        data = to_float16(features, sample.sample_id, config.name)
         entry = self.path(sample, config)
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = entry.parent / f".tmp-{entry.name}-{uuid.uuid4().hex[:8]}"

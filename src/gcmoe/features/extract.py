@@ -2,21 +2,31 @@
 
 One encoder pass per batch of tiles, never one per cell; only tiles that hold a cell are read, and the
 slide is never loaded whole (a background thread reads the next batch while the current one is encoded).
+
+With a cache, finished tiles are saved as they go in a partial folder beside the cache entry
+(``.partial-<encoder>-<key>/``, :mod:`gcmoe.features.partial`): a run that is killed resumes from the
+tiles already done, and the batches are always cut the same way, so a resumed run gives the very values
+of an uninterrupted one. Under ``torchrun`` (``distributed=True``) the ranks share the batches out
+(batch ``k`` to rank ``k % world``), write their parts into the same folder, and rank 0 assembles them into
+the cache entry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from gcmoe.errors import ConfigError
-from gcmoe.features.cache import FeatureCache
+from gcmoe.errors import ConfigError, FeatureCacheError
+from gcmoe.features.cache import FeatureCache, to_float16
+from gcmoe.features.partial import PartialExtraction, PartWriter, partial_path
 from gcmoe.features.registry import Encoder, EncoderConfig, create_encoder
 from gcmoe.features.tiling import Tile, TileGrid, make_tile_grid
 
@@ -40,14 +50,18 @@ class FeatureStats:
     tiles_total
         Tiles in the grid covering the slide.
     tiles_run
-        Tiles read and encoded (those holding at least one cell); 0 on a cache hit.
+        Tiles read and encoded by this call (those holding at least one cell); 0 on a cache hit. Under
+        ``torchrun`` each rank counts its own share.
+    tiles_reused
+        Tiles not encoded because an interrupted run had saved them in the partial folder.
     encoder_passes
         Encoder forward calls (one per batch of tiles).
     megapixels_read, megapixels_encoded
         Slide pixels read and encoder-input pixels encoded (tiles including their overlap), millions.
     seconds
         Wall time of the whole call; ``seconds_read`` is spent reading and resizing tiles (in a
-        background thread, mostly hidden behind encoding), ``seconds_encode`` in the encoder and sampling.
+        background thread, mostly hidden behind encoding), ``seconds_encode`` in the encoder and sampling,
+        ``seconds_parts`` writing the partial folder's part files.
     """
 
     sample_id: str
@@ -59,12 +73,14 @@ class FeatureStats:
     read_size: int
     tiles_total: int = 0
     tiles_run: int = 0
+    tiles_reused: int = 0
     encoder_passes: int = 0
     megapixels_read: float = 0.0
     megapixels_encoded: float = 0.0
     seconds: float = 0.0
     seconds_read: float = 0.0
     seconds_encode: float = 0.0
+    seconds_parts: float = 0.0
     cache_hit: bool = False
     cache_path: str | None = None
 
@@ -146,18 +162,8 @@ def _progress(enabled: bool) -> Any:
     )
 
 
-def _encode_sample(
-    sample: Sample, encoder: Encoder, config: EncoderConfig, batch_size: int, device: str, progress: bool
-) -> FeatureResult:
-    import torch
-
-    from gcmoe.features.sampling import sample_feature_map
-
-    start = time.perf_counter()
-    grid = make_tile_grid(sample.image.shape, sample.mpp, config)
-    xy = sample.spatial
-    tiles = grid.assign(xy)
-    stats = FeatureStats(
+def _new_stats(sample: Sample, config: EncoderConfig, grid: TileGrid) -> FeatureStats:
+    return FeatureStats(
         sample_id=sample.sample_id,
         encoder=config.name,
         encoder_hash=config.hash(),
@@ -167,8 +173,34 @@ def _encode_sample(
         read_size=grid.read_size,
         tiles_total=grid.n_tiles,
     )
-    features = np.empty((sample.n_cells, config.feature_dim), dtype=np.float32)
-    batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
+
+
+def _batches(tiles: list[Tile], batch_size: int) -> list[list[Tile]]:
+    """The tiles in encoder batches, always cut the same way so that every run sees the same batches."""
+    return [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
+
+
+# (batch index, its tiles, the cells of those tiles in order, their float32 features)
+BatchSink = Callable[[int, list[Tile], np.ndarray, np.ndarray], None]
+
+
+def _encode_batches(
+    sample: Sample,
+    encoder: Encoder,
+    config: EncoderConfig,
+    grid: TileGrid,
+    batches: list[tuple[int, list[Tile]]],
+    device: str,
+    progress: bool,
+    stats: FeatureStats,
+    sink: BatchSink,
+) -> None:
+    """Encode ``(index, tiles)`` batches in order and hand each one's cell features to ``sink``."""
+    import torch
+
+    from gcmoe.features.sampling import sample_feature_map
+
+    xy = sample.spatial
     expected = (config.feature_dim, *encoder.output_size(grid.tile_size, grid.tile_size))
     read_seconds = [0.0]
 
@@ -181,11 +213,11 @@ def _encode_sample(
     encoder = encoder.to(device).eval()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gcmoe-tiles")
     with pool, torch.inference_mode(), _progress(progress) as bar:
-        task = bar.add_task(f"features {sample.sample_id} ({config.name})", total=len(tiles))
-        pending = pool.submit(read, batches[0]) if batches else None
-        for k, batch in enumerate(batches):
+        task = bar.add_task(f"features {sample.sample_id} ({config.name})", total=sum(len(b) for _, b in batches))
+        pending = pool.submit(read, batches[0][1]) if batches else None
+        for i, (k, batch) in enumerate(batches):
             pixels = pending.result()
-            pending = pool.submit(read, batches[k + 1]) if k + 1 < len(batches) else None
+            pending = pool.submit(read, batches[i + 1][1]) if i + 1 < len(batches) else None
             t = time.perf_counter()
             fmap = encoder(pixels.to(device))
             if tuple(fmap.shape[1:]) != expected:
@@ -193,21 +225,114 @@ def _encode_sample(
                     f"encoder '{config.name}' returned {tuple(fmap.shape)} for tiles of {grid.tile_size} px; "
                     f"its config promises (B, {expected[0]}, {expected[1]}, {expected[2]})"
                 )
-            for tile, tile_map in zip(batch, fmap):
-                uv = grid.to_tile(xy[tile.cells], tile)
-                features[tile.cells] = sample_feature_map(tile_map, uv, config.stride).float().cpu().numpy()
+            cells = np.concatenate([tile.cells for tile in batch])
+            features = np.concatenate([
+                sample_feature_map(tile_map, grid.to_tile(xy[tile.cells], tile), config.stride).float().cpu().numpy()
+                for tile, tile_map in zip(batch, fmap)
+            ])  # fmt: skip
+            if not np.isfinite(features).all():
+                bad = int((~np.isfinite(features)).any(axis=1).sum())
+                raise RuntimeError(
+                    f"encoder '{config.name}' gave non-finite features for {bad} cells of {sample.sample_id}"
+                )
             stats.seconds_encode += time.perf_counter() - t
             stats.encoder_passes += 1
             stats.tiles_run += len(batch)
+            sink(k, batch, cells, features)
             bar.advance(task, len(batch))
-    stats.seconds_read = read_seconds[0]
+    stats.seconds_read += read_seconds[0]
     stats.megapixels_read = stats.tiles_run * grid.read_size**2 / 1e6
     stats.megapixels_encoded = stats.tiles_run * grid.tile_size**2 / 1e6
-    stats.seconds = time.perf_counter() - start
-    if not np.isfinite(features).all():
-        bad = int((~np.isfinite(features)).any(axis=1).sum())
-        raise RuntimeError(f"encoder '{config.name}' gave non-finite features for {bad} cells of {sample.sample_id}")
-    return FeatureResult(features, stats)
+
+
+def _encode_in_memory(
+    sample: Sample, encoder: Encoder, config: EncoderConfig, grid: TileGrid, batch_size: int, device: str,
+    progress: bool, stats: FeatureStats,
+) -> np.ndarray:  # fmt: skip
+    """Features (n_cells, D) float32 of every cell, held in memory only (extraction without a cache)."""
+    features = np.empty((sample.n_cells, config.feature_dim), dtype=np.float32)
+
+    def keep(k: int, batch: list[Tile], cells: np.ndarray, values: np.ndarray) -> None:
+        features[cells] = values
+
+    batches = list(enumerate(_batches(grid.assign(sample.spatial), batch_size)))
+    _encode_batches(sample, encoder, config, grid, batches, device, progress, stats, keep)
+    return features
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed
+
+        torch.distributed.barrier()
+
+
+def _encode_with_parts(
+    sample: Sample, encoder: Encoder, config: EncoderConfig, grid: TileGrid, partial: PartialExtraction,
+    batch_size: int, device: str, progress: bool, stats: FeatureStats, rank: int, world: int,
+) -> np.ndarray | None:  # fmt: skip
+    """Float16 features (n_cells, D) of every cell, resuming from and saving progress to ``partial``.
+
+    Tiles whose cells the parts already hold are skipped; rank ``r`` of ``world`` encodes the batches
+    ``k`` with ``k % world == r``. Every rank must call this; rank 0 gets the assembled features, the
+    others None.
+    """
+    if rank == 0:
+        partial.prepare()
+    _barrier(world)  # the folder is ready (a stale one is gone) before any rank reads or writes parts
+    tiles = grid.assign(sample.spatial)
+    features = np.zeros((sample.n_cells, config.feature_dim), dtype=np.float16)
+    done = np.zeros(sample.n_cells, dtype=bool)
+    seen: set[str] = set()
+    partial.load(features, done, seen)
+    todo = []
+    for k, batch in enumerate(_batches(tiles, batch_size)):
+        rest = [tile for tile in batch if not done[tile.cells].all()]
+        if rest and k % world == rank:
+            todo.append((k, rest))
+    stats.tiles_reused = sum(1 for tile in tiles if done[tile.cells].all())
+    if stats.tiles_reused and rank == 0:
+        log.info(
+            "features of %s (%s): %d of %d tiles reused from %s, %d to encode",
+            sample.sample_id, config.name, stats.tiles_reused, len(tiles), partial.folder,
+            len(tiles) - stats.tiles_reused,
+        )  # fmt: skip
+    writer = PartWriter(partial, rank)
+
+    def save(k: int, batch: list[Tile], cells: np.ndarray, values: np.ndarray) -> None:
+        values16 = to_float16(values, sample.sample_id, config.name)
+        features[cells] = values16
+        done[cells] = True
+        writer.add(k, len(batch), cells, values16)
+
+    try:
+        _encode_batches(sample, encoder, config, grid, todo, device, progress, stats, save)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            writer.flush()  # keep the batches finished before the error
+        raise
+    writer.flush()
+    stats.seconds_parts = writer.seconds
+    _barrier(world)  # every rank's parts are written
+    if rank != 0:
+        return None
+    if world > 1:
+        partial.load(features, done, seen)
+    if not done.all():
+        raise FeatureCacheError(
+            f"{int((~done).sum())} of {sample.n_cells} cells of {sample.sample_id} have no features in "
+            f"{partial.folder} after all {world} processes finished: the cache folder must be on storage "
+            f"that every process sees (a shared file system), and nothing else may delete it meanwhile"
+        )
+    return features
+
+
+def _rank_world(distributed: bool) -> tuple[int, int]:
+    if not distributed:
+        return 0, 1
+    from gcmoe.training.distributed import rank_world
+
+    return rank_world()
 
 
 def extract_features_with_stats(
@@ -220,42 +345,51 @@ def extract_features_with_stats(
     progress: bool = True,
     tile_size: int | None = None,
     weights: str | os.PathLike | None = None,
+    distributed: bool = False,
 ) -> FeatureResult:
-    """:func:`extract_features`, also returning :class:`FeatureStats`."""
+    """:func:`extract_features`, also returning :class:`FeatureStats` (of this process's share)."""
     start = time.perf_counter()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer (tiles per encoder pass), got {batch_size!r}")
+    rank, world = _rank_world(distributed)
+    if world > 1 and cache_dir is None:
+        raise ConfigError(
+            f"feature extraction split across {world} processes (torchrun) needs a cache folder (cache_dir, "
+            f"--cache-dir) on storage every process sees: the processes hand their tiles' features to rank 0 "
+            f"through files there; give one, or run a single process"
+        )
     model = _resolve_encoder(encoder, weights)
     config = model.config if tile_size is None else model.config.with_tile_size(tile_size)
+    grid = make_tile_grid(sample.image.shape, sample.mpp, config)
+    stats = _new_stats(sample, config, grid)
     cache = FeatureCache(cache_dir) if cache_dir is not None else None
-    if cache is not None:
+    if cache is None:
+        features = _encode_in_memory(sample, model, config, grid, batch_size, device, progress, stats)
+    else:
+        entry = cache.path(sample, config)
+        stats.cache_path = str(entry)
         cached = cache.load(sample, config)
         if cached is not None:
-            grid = make_tile_grid(sample.image.shape, sample.mpp, config)
-            stats = FeatureStats(
-                sample_id=sample.sample_id,
-                encoder=config.name,
-                encoder_hash=config.hash(),
-                n_cells=sample.n_cells,
-                feature_dim=config.feature_dim,
-                tile_size=grid.tile_size,
-                read_size=grid.read_size,
-                tiles_total=grid.n_tiles,
-                seconds=time.perf_counter() - start,
-                cache_hit=True,
-                cache_path=str(cache.path(sample, config)),
-            )
-            log.info("features of %s (%s) from the cache %s", sample.sample_id, config.name, stats.cache_path)
+            if rank == 0 and partial_path(entry).exists():  # left by a run killed between save and clean-up
+                PartialExtraction(entry, sample, config).remove()
+            stats.cache_hit = True
+            stats.seconds = time.perf_counter() - start
+            log.info("features of %s (%s) from the cache %s", sample.sample_id, config.name, entry)
             return FeatureResult(cached, stats)
-    features, stats = _encode_sample(sample, model, config, batch_size, device, progress)
-    if cache is not None:
-        stats.cache_path = str(cache.save(sample, config, features))
-        features = features.astype(np.float16).astype(np.float32)  # what a later cache hit returns
+        partial = PartialExtraction(entry, sample, config)
+        features16 = _encode_with_parts(
+            sample, model, config, grid, partial, batch_size, device, progress and rank == 0, stats, rank, world
+        )
+        if features16 is not None:
+            cache.save(sample, config, features16)
+            partial.remove()
+        _barrier(world)  # the entry is written
+        features = features16.astype(np.float32) if features16 is not None else cache.load(sample, config)
     stats.seconds = time.perf_counter() - start
     log.info(
-        "features of %s (%s): %d cells x %d from %d tiles (%.1f Mpx) in %.1f s",
+        "features of %s (%s): %d cells x %d from %d tiles (%.1f Mpx) in %.1f s%s",
         sample.sample_id, config.name, stats.n_cells, stats.feature_dim, stats.tiles_run,
-        stats.megapixels_encoded, stats.seconds,
+        stats.megapixels_encoded, stats.seconds, f" (rank {rank} of {world})" if world > 1 else "",
     )  # fmt: skip
     return FeatureResult(features, stats)
 
@@ -270,6 +404,7 @@ def extract_features(
     progress: bool = True,
     tile_size: int | None = None,
     weights: str | os.PathLike | None = None,
+    distributed: bool = False,
 ) -> np.ndarray:
     """Image features of every cell of a sample, ``(n_cells, D)`` float32, in the sample's cell order.
 
@@ -282,7 +417,8 @@ def extract_features(
     cache_dir
         Feature cache root; with it, features are read from the cache when present (the encoder does not
         run) and written there otherwise. Cached features are float16, so with a cache the returned
-        values are always float16-rounded, whether just computed or read back.
+        values are always float16-rounded, whether just computed or read back. While encoding, finished
+        tiles are saved in a partial folder there, so an interrupted run resumes where it stopped.
     batch_size
         Tiles per encoder pass.
     device
@@ -294,6 +430,11 @@ def extract_features(
         Part of the cache key.
     weights
         Local weights file, for encoders that load weights (with an encoder name only).
+    distributed
+        Split the tiles across the ranks of the ``torch.distributed`` process group (``torchrun``; join it
+        first, e.g. with :func:`gcmoe.training.distributed.init_from_env`). Every rank must call this with
+        the same arguments; it needs ``cache_dir`` on storage every rank sees. Rank 0 writes the cache
+        entry; every rank returns the features. Without a process group it changes nothing.
     """
     return extract_features_with_stats(
         sample,
@@ -304,4 +445,5 @@ def extract_features(
         progress=progress,
         tile_size=tile_size,
         weights=weights,
+        distributed=distributed,
     ).features

@@ -191,15 +191,16 @@ class CellStore:
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         return np.asarray(self.arrays[name][start:stop])
 
-    def take(self, name: str, index: np.ndarray) -> np.ndarray:
-        """Rows ``index`` (sorted, unique) of one array, reading one chunk at a time."""
+    def take(self, name: str, index: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``index`` (sorted, unique) of one array, reading one chunk at a time; ``columns`` of a 2-D array."""
         array = self.arrays[name]
-        out = np.empty((len(index), *array.shape[1:]), dtype=array.dtype)
+        width = array.shape[1:] if columns is None else (len(columns),)
+        out = np.empty((len(index), *width), dtype=array.dtype)
         chunk_of = index // self.chunk
         for c in np.unique(chunk_of):
             sel = np.flatnonzero(chunk_of == c)
-            block = np.asarray(array[c * self.chunk:(c + 1) * self.chunk])
-            out[sel] = block[index[sel] - c * self.chunk]
+            block = np.asarray(array[c * self.chunk:(c + 1) * self.chunk])[index[sel] - c * self.chunk]
+            out[sel] = block if columns is None else block[:, columns]
         return out
 
 
@@ -207,12 +208,18 @@ class StreamingCells:
     """The trainer's view of a cell store: buffered, shuffled training batches and chunk-ordered evaluation.
 
     ``neighbours``: give the models C2CA neighbours (their features gathered from the buffer and its halo);
-    ``cell_types``: pass routing labels in training.
+    ``cell_types``: pass routing labels in training; ``target_columns``: the store's target columns (genes)
+    to train on, in that order (None: all), so one store serves every fold's gene selection.
     """
 
     def __init__(self, store: CellStore, buffer_chunks: int = 4, neighbours: bool = True, cell_types: bool = True,
-                 eval_batch_size: int = 2048) -> None:
+                 eval_batch_size: int = 2048, target_columns: np.ndarray | None = None) -> None:
         self.store = store
+        n_genes = int(store.meta["n_genes"])
+        self.columns = None if target_columns is None else np.asarray(target_columns, dtype=np.int64)
+        if self.columns is not None and (self.columns.ndim != 1 or not len(self.columns)
+                                         or self.columns.min() < 0 or self.columns.max() >= n_genes):
+            raise ValueError(f"target_columns must index the store's {n_genes} genes, got {target_columns!r}")
         # evaluation batches gather (B, M, D) neighbour features: a cap keeps that peak small and fixed
         self.eval_batch_size = int(eval_batch_size)
         self.buffer_chunks = max(1, int(buffer_chunks))
@@ -223,8 +230,16 @@ class StreamingCells:
     def n_cells(self) -> int:
         return self.store.n_cells
 
+    @property
+    def n_targets(self) -> int:
+        return int(self.store.meta["n_genes"]) if self.columns is None else len(self.columns)
+
     def digest(self) -> str:
-        return str(self.store.meta.get("digest"))
+        """The store's content digest, and the target columns when a subset is used."""
+        base = str(self.store.meta.get("digest"))
+        if self.columns is None:
+            return base
+        return base + ":" + hashlib.sha256(self.columns.tobytes()).hexdigest()[:12]
 
     def _buffer(self, chunks: list[int]):
         """A CellData over the rows of ``chunks`` plus their neighbours' rows; returns (data, global row ids)."""
@@ -233,7 +248,7 @@ class StreamingCells:
         s, c = self.store, self.store.chunk
         ranges = [(k * c, min((k + 1) * c, s.n_cells)) for k in sorted(chunks)]
         own = np.concatenate([np.arange(a, b) for a, b in ranges])
-        read = {name: np.concatenate([s.rows(name, a, b) for a, b in ranges]) for name in _ARRAYS}
+        read = {name: np.concatenate([self._rows(name, a, b) for a, b in ranges]) for name in _ARRAYS}
         feats, pos = read["features"], read["positions"]
         ids = own
         nbr_local = None
@@ -261,6 +276,10 @@ class StreamingCells:
             positions=torch.from_numpy(pos.astype(np.float32)) if nbr_local is not None else None,
         )
         return data, own
+
+    def _rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        rows = self.store.rows(name, start, stop)
+        return rows[:, self.columns] if name == "targets" and self.columns is not None else rows
 
     def train_batches(self, train_idx: np.ndarray, batch_size: int, generator: torch.Generator
                       ) -> Iterator[tuple[Any, Tensor]]:
@@ -296,8 +315,8 @@ class StreamingCells:
         """Targets of cells ``idx`` (in that order)."""
         idx = np.asarray(idx)
         order = np.argsort(idx)
-        out = np.empty((len(idx), self.store.meta["n_genes"]), np.float32)
-        out[order] = self.store.take("targets", idx[order])
+        out = np.empty((len(idx), self.n_targets), np.float32)
+        out[order] = self.store.take("targets", idx[order], self.columns)
         return out
 
     def feature_stats(self, idx: np.ndarray) -> tuple[Tensor, Tensor]:

@@ -220,7 +220,7 @@ def _to(t: Tensor, device: torch.device) -> Tensor:
 
 
 def _n_targets(data) -> int:
-    return int(data.store.meta["n_genes"]) if isinstance(data, StreamingCells) else int(data.targets.shape[1])
+    return data.n_targets if isinstance(data, StreamingCells) else int(data.targets.shape[1])
 
 
 def _epoch_batches(data, train_t: Tensor, batch_size: int, generator: torch.Generator, groups: Tensor | None):
