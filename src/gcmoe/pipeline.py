@@ -353,7 +353,7 @@ def run_cv(config: RunConfig, progress: bool = True, resume: bool = False) -> di
     from gcmoe.config import to_dict
     from gcmoe.training.state import tensor_digest
 
-    from gcmoe.data.genes import compute_targets, select_genes
+    from gcmoe.data.genes import compute_targets, select_genes, sparse_targets
     from gcmoe.data.splits import make_folds
     from gcmoe.evaluation.metrics import score_genes, summarize_folds
     from gcmoe.models.registry import get_model_entry, models_in_table_order
@@ -398,7 +398,7 @@ def run_cv(config: RunConfig, progress: bool = True, resume: bool = False) -> di
                 true_test = targets_all[np.ix_(fold.test, cols)]
             else:
                 targets_t = None
-                true_test = compute_targets(pooled.counts[fold.test], config.targets)[:, cols]
+                true_test = sparse_targets(pooled.counts[fold.test], config.targets)[:, cols].toarray()
             if pooled.expected is not None:
                 cs = score_genes(pooled.expected[np.ix_(fold.test, cols)], true_test, genes)
                 ceiling_folds.append(cs.mean)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from gcmoe.config import TargetConfig
-from gcmoe.data.genes import compute_targets, select_genes
+from gcmoe.data.genes import compute_targets, select_genes, sparse_targets
 from gcmoe.errors import InvalidSampleError
 
 
@@ -13,6 +13,16 @@ def test_log1p_and_normalisation():
     np.testing.assert_allclose(norm[0], np.log1p([25, 75]), rtol=1e-6)
     np.testing.assert_array_equal(norm[1], [0, 0])  # empty cell stays zero, no NaN
     np.testing.assert_array_equal(compute_targets(counts, TargetConfig(transform="none")), counts)
+
+
+def test_sparse_targets_equal_the_dense_ones():
+    import scipy.sparse as sp
+
+    counts = sp.csr_matrix(np.random.default_rng(0).poisson(0.7, (60, 9)).astype(np.float32))
+    for config in (TargetConfig(), TargetConfig(normalize_total=100), TargetConfig(transform="none", normalize_total=10)):
+        got = sparse_targets(counts, config)
+        assert sp.issparse(got) and got.dtype == np.float32
+        np.testing.assert_array_equal(got.toarray(), compute_targets(counts, config))
 
 
 def test_hvg_picks_variable_genes_from_training_cells():

@@ -24,6 +24,11 @@ def test_window_neighbours_match_brute_force():
             np.testing.assert_allclose(np.sort(d_got), np.sort(np.linalg.norm(xy[exp] - xy[i], axis=1)))
 
 
+def test_querying_in_blocks_gives_the_same_neighbours():
+    xy = np.random.default_rng(2).uniform(0, 300, (1500, 2))
+    np.testing.assert_array_equal(window_neighbours(xy, 64.0, 8, block=97), window_neighbours(xy, 64.0, 8))
+
+
 def test_square_window_excludes_self_and_corners():
     xy = np.array([[0.0, 0.0], [31.0, 31.0], [33.0, 0.0], [0.0, -20.0]])
     nbr = window_neighbours(xy, 64.0, 4)

@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from gcmoe.errors import InvalidSampleError
-from gcmoe.prior.coexpression import log_normalised
+from gcmoe.prior.coexpression import log_normalised, median_total
 
 
 @dataclass
@@ -64,14 +64,24 @@ def transfer_labels(
     ref_types = ref_types[mapped]
     names = sorted(set(ref_types))
     centroids = np.stack([ref_expr[ref_types == t].mean(axis=0) for t in names])
-    q = log_normalised(counts, q_idx)
-    qc = q - q.mean(axis=1, keepdims=True)
     cc = centroids - centroids.mean(axis=1, keepdims=True)
-    denom = np.linalg.norm(qc, axis=1, keepdims=True) * np.linalg.norm(cc, axis=1)[None, :]
-    corr = np.divide(qc @ cc.T, denom, out=np.full((len(q), len(names)), -1.0), where=denom > 0)
-    best = corr.argmax(axis=1)
+    cc_norm = np.linalg.norm(cc, axis=1)[None, :]
+    counts = sp.csr_matrix(counts) if sp.issparse(counts) else np.asarray(counts)
+    target = median_total(counts)
+    n = counts.shape[0]
+    best, score = np.zeros(n, np.int64), np.zeros(n)
+    for a in range(0, n, _BLOCK):  # cells in blocks: memory stays (block x genes), whatever the number of cells
+        q = log_normalised(counts[a:a + _BLOCK], q_idx, target)
+        qc = q - q.mean(axis=1, keepdims=True)
+        denom = np.linalg.norm(qc, axis=1, keepdims=True) * cc_norm
+        corr = np.divide(qc @ cc.T, denom, out=np.full((len(q), len(names)), -1.0), where=denom > 0)
+        best[a:a + _BLOCK] = corr.argmax(axis=1)
+        score[a:a + _BLOCK] = corr[np.arange(len(q)), best[a:a + _BLOCK]]
     ref_label = np.asarray(names)[best]
-    return Annotation(np.array([mapping[t] for t in ref_label]), ref_label, corr[np.arange(len(q)), best], len(shared))
+    return Annotation(np.array([mapping[t] for t in ref_label]), ref_label, score, len(shared))
+
+
+_BLOCK = 65_536
 
 
 def label_agreement(predicted: Sequence[str], truth: Sequence[str]) -> dict:

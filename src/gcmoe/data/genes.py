@@ -36,6 +36,21 @@ def compute_targets(counts: np.ndarray | sp.spmatrix, config: TargetConfig) -> n
     return x.astype(np.float32)
 
 
+def sparse_targets(counts: sp.spmatrix, config: TargetConfig) -> sp.csr_matrix:
+    """:func:`compute_targets` of a sparse matrix, kept sparse (both transforms map 0 to 0), float32."""
+    x = sp.csr_matrix(counts, dtype=np.float64, copy=True)
+    if config.normalize_total is not None:
+        if config.normalize_total <= 0:
+            raise ConfigError(f"targets.normalize_total must be > 0 or null, got {config.normalize_total}")
+        total = np.repeat(np.asarray(x.sum(axis=1)).ravel(), np.diff(x.indptr))
+        x.data = np.divide(x.data * config.normalize_total, total, out=np.zeros_like(x.data), where=total > 0)
+    if config.transform == "log1p":
+        x.data = np.log1p(x.data)
+    elif config.transform != "none":
+        raise ConfigError(f"targets.transform must be 'log1p' or 'none', got {config.transform!r}")
+    return x.astype(np.float32)
+
+
 def select_genes(
     counts: np.ndarray | sp.spmatrix, genes: Sequence[str], cells: np.ndarray, config: TargetConfig
 ) -> list[str]:
@@ -59,7 +74,9 @@ def select_genes(
         )
         return genes
     sub = counts[cells]
-    ad = anndata.AnnData(X=sp.csr_matrix(compute_targets(sub, TargetConfig(transform="log1p", normalize_total=config.normalize_total))))
+    hvg_targets = TargetConfig(transform="log1p", normalize_total=config.normalize_total)
+    # sparse all the way: a dense copy of the training cells x genes would grow with the data (GBs at 2M cells)
+    ad = anndata.AnnData(X=sparse_targets(sp.csr_matrix(sub), hvg_targets))
     ad.var_names = genes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

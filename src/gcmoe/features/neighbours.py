@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 
 
-def window_neighbours(xy_um: np.ndarray, window_um: float = 64.0, max_neighbours: int = 32) -> np.ndarray:
+def window_neighbours(xy_um: np.ndarray, window_um: float = 64.0, max_neighbours: int = 32,
+                      block: int = 65_536) -> np.ndarray:
     """Indices (N, M) of each cell's neighbours within the square window, nearest first; -1 pads.
 
     Exact: cells whose window may hold more candidates than were fetched are queried again with more.
+    Cells are queried ``block`` at a time, so the query's scratch arrays do not grow with N.
     """
     from scipy.spatial import cKDTree
 
@@ -27,10 +29,16 @@ def window_neighbours(xy_um: np.ndarray, window_um: float = 64.0, max_neighbours
     out = np.full((n, m), -1, dtype=np.int64)
     if n < 2 or m == 0:
         return out
-    half = window_um / 2.0
     tree = cKDTree(xy)
+    for start in range(0, n, block):
+        _fill_window(tree, xy, np.arange(start, min(start + block, n)), window_um / 2.0, m, out)
+    return out
+
+
+def _fill_window(tree, xy: np.ndarray, todo: np.ndarray, half: float, m: int, out: np.ndarray) -> None:
+    """Write the window neighbours of cells ``todo`` into ``out``."""
+    n = len(xy)
     radius = half * np.sqrt(2.0)  # the window's corners
-    todo = np.arange(n)
     k = min(2 * m + 1, n)
     while len(todo):
         dist, idx = tree.query(xy[todo], k=k, distance_upper_bound=radius)
@@ -48,7 +56,6 @@ def window_neighbours(xy_um: np.ndarray, window_um: float = 64.0, max_neighbours
             out[todo[row], : len(chosen)] = chosen
         todo = todo[~done]
         k = min(2 * k, n)
-    return out
 
 
 def neighbour_cache_key(xy_um: np.ndarray, window_um: float, max_neighbours: int) -> str:
