@@ -64,7 +64,7 @@ def make_store(path: Path, n: int, dim: int, seed: int = 0) -> None:
     writer.close()
 
 
-def train(path: Path, mode: str, epochs: int, threads: int | None) -> dict:
+def train(path: Path, mode: str, epochs: int, threads: int | None, device: str = "cpu", amp: bool = False) -> dict:
     import numpy as np
     import torch
 
@@ -96,13 +96,15 @@ def train(path: Path, mode: str, epochs: int, threads: int | None) -> dict:
     is_val = np.zeros(n, bool)
     for b in val_blocks:
         is_val[b * block:(b + 1) * block] = True
-    config = TrainConfig(max_epochs=epochs, patience=epochs + 1, batch_size=1024, num_threads=threads)
+    config = TrainConfig(max_epochs=epochs, patience=epochs + 1, batch_size=1024, num_threads=threads, device=device,
+                         amp=amp)
     t0 = time.perf_counter()
     res = fit(model, data, np.flatnonzero(~is_val), np.flatnonzero(is_val), config)
     return {"cells": n, "dim": dim, "mode": mode, "epochs": res.epochs_run,
             "train_cells_per_s": round(res.train_cells_per_s), "fit_seconds": round(time.perf_counter() - t0, 1),
             "val_pcc": round(res.best_val_pcc, 4), "peak_rss_mb": round(peak_rss_mb()),
-            "rss_before_data_mb": round(rss_start), "torch_threads": torch.get_num_threads()}
+            "rss_before_data_mb": round(rss_start), "torch_threads": torch.get_num_threads(), "device": device,
+            "amp": amp}
 
 
 def main() -> None:
@@ -112,6 +114,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="torch device of the training (cpu, cuda)")
+    ap.add_argument("--amp", action="store_true", help="automatic mixed precision (train.amp)")
     ap.add_argument("--dir", default="/tmp/gcmoe_scale", help="where the cell stores are written (GBs at 2M cells)")
     ap.add_argument("--name", default="scale")
     ap.add_argument("--_make", nargs=2, help=argparse.SUPPRESS)
@@ -121,7 +125,7 @@ def main() -> None:
         make_store(Path(args._make[0]), int(args._make[1]), args.dim)
         return
     if args._train:
-        print(json.dumps(train(Path(args._train[0]), args._train[1], args.epochs, args.threads)))
+        print(json.dumps(train(Path(args._train[0]), args._train[1], args.epochs, args.threads, args.device, args.amp)))
         return
 
     rows = []
@@ -132,7 +136,8 @@ def main() -> None:
             subprocess.run([sys.executable, __file__, "--dim", str(args.dim), "--_make", str(path), str(n)], check=True)
         made = time.perf_counter() - t0
         for mode in args.modes.split(","):
-            cmd = [sys.executable, __file__, "--epochs", str(args.epochs), "--_train", str(path), mode]
+            cmd = [sys.executable, __file__, "--epochs", str(args.epochs), "--device", args.device,
+                   "--_train", str(path), mode] + (["--amp"] if args.amp else [])
             if args.threads:
                 cmd[2:2] = ["--threads", str(args.threads)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -151,7 +156,8 @@ def main() -> None:
                           "cells_per_s_ratio_largest_to_smallest": round(mine[-1]["train_cells_per_s"] / mine[0]["train_cells_per_s"], 2)}
     md = ("# Scale: GC-MoE training from a cell store\n\n"
           f"Command: `.venv/bin/python benchmarks/scale.py --sizes {args.sizes} --modes {args.modes} --dim {args.dim} "
-          f"--epochs {args.epochs}` (2 CPU cores, run alone). Synthetic cells (see the script's docstring), "
+          f"--epochs {args.epochs}{' --device ' + args.device if args.device != 'cpu' else ''}{' --amp' if args.amp else ''}` "
+          f"({'2 CPU cores' if args.device == 'cpu' else args.device}, run alone). Synthetic cells (see the script's docstring), "
           f"{args.dim}-dim float16 features, 50 genes, GC-MoE with K = 4, M = 32, {args.epochs} epoch(s).\n\n"
           + "\n".join(lines) + "\n\n"
           + "".join(f"- {m}: peak RSS largest/smallest = {v['peak_rss_ratio_largest_to_smallest']}, cells/s "
