@@ -214,14 +214,17 @@ class RunData:
         return np.asarray(idx) if self.store is None else self.store.rows[np.asarray(idx)]
 
 
-def prepare_run(config: RunConfig, out: Path, needs: set[str], progress: bool = True) -> RunData:
-    """Load or generate the data, extract (cached) features, and build what the models need."""
+def prepare_run(config: RunConfig, out: Path, needs: set[str], progress: bool = True, loaded=None) -> RunData:
+    """Load or generate the data, extract (cached) features, and build what the models need.
+
+    ``loaded``: what :func:`load_samples` returned, when the caller has already loaded the samples.
+    """
     import torch
 
     from gcmoe.features import create_encoder, extract_features
     from gcmoe.features.neighbours import cached_window_neighbours
 
-    samples, reference, name = load_samples(config, out)
+    samples, reference, name = loaded if loaded is not None else load_samples(config, out)
     if "coexpression" in needs and reference is None:
         raise ConfigError("GC-MoE's co-expression graphs need a labelled reference scRNA-seq set: set data.reference")
     cache_dir = Path(config.features.cache_dir) if config.features.cache_dir else out / "cache"
@@ -680,6 +683,20 @@ def demo_config(out: str | os.PathLike = "gcmoe_demo", quick: bool = False) -> R
     return config
 
 
+def _extract_sharded(config: RunConfig, samples: list[Sample], out: Path, progress: bool) -> None:
+    """Under torchrun: every rank encodes its share of each slide's tiles into the run's feature cache, which
+    rank 0 assembles (gcmoe.features.partial); the later feature reads are cache hits."""
+    from gcmoe.features import create_encoder, extract_features
+    from gcmoe.training.distributed import local_device
+
+    f = config.features
+    cache_dir = Path(f.cache_dir) if f.cache_dir else out / "cache"
+    encoder = create_encoder(f.encoder, weights=f.weights)
+    for s in samples:
+        extract_features(s, encoder, cache_dir=cache_dir, batch_size=f.batch_size, device=local_device(f.device),
+                         progress=progress, tile_size=f.tile_size, distributed=True)
+
+
 def train_model(config: RunConfig, model_name: str, progress: bool = True, resume: bool = False) -> Path:
     """Train one model on all cells of the run (validation carved in spatial blocks) and save its folder.
 
@@ -689,8 +706,9 @@ def train_model(config: RunConfig, model_name: str, progress: bool = True, resum
     The folder (``<out>/model``) holds safetensors weights and a JSON card with everything prediction needs:
     genes, routing types, encoder and its pixel size, target transform, training data and validation PCC.
 
-    Under torchrun every process trains its share of each batch (:mod:`gcmoe.training.distributed`); rank 0
-    prepares the data first (the others then read its caches) and alone writes the outputs.
+    Under torchrun every process encodes its share of each slide's tiles and trains its share of each batch
+    (:mod:`gcmoe.training.distributed`); rank 0 prepares the rest of the data first (the others then read its
+    caches) and alone writes the outputs.
     """
     import torch
 
@@ -714,11 +732,16 @@ def train_model(config: RunConfig, model_name: str, progress: bool = True, resum
         check_streamable([entry], config)
         if main:
             save_config(config, out / "config.yaml")
-            run = prepare_run(config, out, set(entry.needs), progress)
+        loaded = None
         if world > 1:
-            torch.distributed.barrier()  # rank 0 has written the data and feature caches the others now read
+            loaded = load_samples(config, out)
+            _extract_sharded(config, loaded[0], out, progress and main)
+        if main:
+            run = prepare_run(config, out, set(entry.needs), progress, loaded)
+        if world > 1:
+            torch.distributed.barrier()  # rank 0 has written the data and caches the others now read
         if not main:
-            run = prepare_run(config, out, set(entry.needs), progress=False)
+            run = prepare_run(config, out, set(entry.needs), progress=False, loaded=loaded)
         pooled = run.pooled
         all_idx = np.arange(len(pooled.sample_ids))
         train_parts, val_parts = [], []

@@ -65,11 +65,18 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_gcmoe_train_under_torchrun(tmp_path):
-    """`torchrun -m gcmoe train`: both ranks train, rank 0 alone writes the model folder and its checkpoints."""
+    """`torchrun -m gcmoe train`: both ranks encode a share of the tiles and train, rank 0 alone writes the
+    model folder and its checkpoints."""
+    import re
+
+    from gcmoe.data.sample import Sample
+    from gcmoe.features import create_encoder
+    from gcmoe.features.tiling import make_tile_grid
     from gcmoe.training.checkpoint import load_model
 
     (tmp_path / "cfg.yaml").write_text(
         "data: {tissue: {n_cells: 700, height: 600, width: 600, n_genes: 60, n_reference_cells: 400, seed: 5}}\n"
+        "features: {tile_size: 256}\n"
         "train: {max_epochs: 3, patience: 5, checkpoint_every: 1}\ntargets: {n_top_genes: 20}\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")} | {"OMP_NUM_THREADS": "1"}
@@ -81,3 +88,9 @@ def test_gcmoe_train_under_torchrun(tmp_path):
     model, meta = load_model(tmp_path / "run" / "model")
     assert meta["model"] == "gcmoe" and len(meta["genes"]) == 20
     assert (tmp_path / "run" / "checkpoints" / "gcmoe" / "epoch-000003").is_dir()
+    # the slide's tiles were shared out: rank 0 encoded some but not all of them
+    sample = Sample.read(tmp_path / "run" / "data" / "virtual_tissue.h5ad")
+    config = create_encoder("morphology").config.with_tile_size(256)
+    n_tiles = len(make_tile_grid(sample.image.shape, sample.mpp, config).assign(sample.spatial))
+    done = re.search(r"from (\d+) tiles .*\(rank 0 of 2\)", (tmp_path / "run" / "log.txt").read_text())
+    assert done and 0 < int(done.group(1)) < n_tiles, (done, n_tiles)

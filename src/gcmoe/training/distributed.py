@@ -36,12 +36,18 @@ def init_from_env(device: str = "cpu") -> str:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return device
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = local_device(device)
     if device.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(torch.device(device))
     torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     log.info("rank %d of %d on %s", torch.distributed.get_rank(), world, device)
+    return device
+
+
+def local_device(device: str) -> str:
+    """This process's device: a CUDA device becomes ``cuda:<LOCAL_RANK>`` under torchrun (one GPU per process)."""
+    if device.startswith("cuda") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return device
 
 
