@@ -84,6 +84,13 @@ def test_spatial_maps_panels(tmp_path):
     assert_written(fig, tmp_path)
     fig = plot_spatial_maps(tissue, (0, 0, 100, 100), xy, ["A"], measured[:, :1], {"m": measured[:, :1]})
     assert len(panels(fig)) == 1 + 2
+    # a prediction (no measurements, one model): H&E, experts and 3 gene maps in one grid of 3 + 2, no empty row
+    fig = plot_spatial_maps(tissue, (0, 0, 100, 100), xy, ["A", "B", "C"], None,
+                            {"GC-MoE": np.column_stack([measured, measured[:, 0]])}, expert=types)
+    boxes = [ax.get_subplotspec() for ax in panels(fig)]
+    assert len(boxes) == 5 and boxes[0].get_gridspec().get_geometry() == (2, 3)
+    assert [ax.get_title() for ax in panels(fig)][2:] == ["A: GC-MoE", "B: GC-MoE", "C: GC-MoE"]
+    assert_written(fig, tmp_path, "prediction")
 
 
 def test_read_downsampled_uses_the_pyramid(tmp_path):

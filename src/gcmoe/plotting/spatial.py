@@ -106,6 +106,8 @@ def plot_spatial_maps(
         Each cell's type and the expert it is routed to (argmax of the router); a panel each when given.
 
     Layout: row 1 = tissue, cell types, experts; one row per gene = measured (when given), then each model.
+    With no measurements and one model (a prediction on a new slide) the gene maps follow the first panels
+    in one grid of at most 4 columns instead, with as few empty slots as possible.
     """
     xy = np.asarray(xy, dtype=float)
     n = len(xy)
@@ -118,12 +120,22 @@ def plot_spatial_maps(
     x, y, w, h = region
     extent = (x, x + w, y + h, y)
     top = 1 + (cell_type is not None) + (expert is not None)
-    ncols = max(top, (measured is not None) + len(predictions))
-    nrows = 1 + len(genes)
+    flat = measured is None and len(predictions) == 1
+    if flat:
+        total = top + len(genes)
+        # at most 4 columns: as few rows as possible, then as few empty slots
+        ncols = min(range(min(4, total), 0, -1), key=lambda c: (-(-total // c), -(-total // c) * c - total))
+        nrows = -(-total // ncols)
+    else:
+        ncols = max(top, (measured is not None) + len(predictions))
+        nrows = 1 + len(genes)
     panel = 3.2
     aspect = h / max(w, 1)
     fig = new_figure(panel * ncols + 1.2, (panel * aspect + 0.5) * nrows + (0.4 if title else 0))
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    grid = fig.subplots(nrows, ncols, squeeze=False)
+    # slot (row, column) of the layout -> its axes; flat: the slots are filled in reading order
+    slots = grid.ravel()
+    axes = (lambda r, c: slots[c if r == 0 else top + (r - 1)]) if flat else (lambda r, c: grid[r, c])
     if point_size is None:
         # about one cell diameter: the panel's area in points^2 shared among the cells
         point_size = float(np.clip(0.3 * (panel * 72) ** 2 * aspect / max(n, 1), 0.5, 40.0))
@@ -136,14 +148,14 @@ def plot_spatial_maps(
         ax.set_yticks([])
         ax.set_title(name, fontsize=9)
 
-    frame(axes[0, 0], "H&E")
+    frame(axes(0, 0), "H&E")
     col = 1
     colours = category_colours(categories if categories is not None else sorted(
         set(np.asarray(cell_type if cell_type is not None else expert if expert is not None else []).astype(str))))
     for values, name in ((cell_type, "cell types"), (expert, expert_title)):
         if values is None:
             continue
-        ax = axes[0, col]
+        ax = axes(0, col)
         frame(ax, name)
         values = np.asarray(values).astype(str)
         for c, colour in colours.items():
@@ -152,16 +164,20 @@ def plot_spatial_maps(
                 ax.scatter(xy[sel, 0], xy[sel, 1], s=point_size, c=colour, label=c, linewidths=0, rasterized=True)
         col += 1
     if top > 1:
-        handles, labels = axes[0, 1].get_legend_handles_labels()
-        axes[0, top - 1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7, frameon=False,
-                                markerscale=max(1.0, 4 / math.sqrt(point_size)))
-    for c in range(top, ncols):
-        fig.delaxes(axes[0, c])
+        handles, labels = axes(0, 1).get_legend_handles_labels()
+        # beside the panel; in the flat layout another panel is there, so below it
+        where = dict(loc="upper left", bbox_to_anchor=(0, -0.02), ncol=2) if flat else dict(
+            loc="upper left", bbox_to_anchor=(1.02, 1))
+        axes(0, top - 1).legend(handles, labels, fontsize=7, frameon=False,
+                                markerscale=max(1.0, 4 / math.sqrt(point_size)), **where)
+    if not flat:
+        for c in range(top, ncols):
+            fig.delaxes(grid[0, c])
     for r, gene in enumerate(genes, start=1):
         panels = {"measured": np.asarray(measured)[:, r - 1]} if measured is not None else {}
         panels |= {m: np.asarray(p)[:, r - 1] for m, p in predictions.items()}
         for c, (name, values) in enumerate(panels.items()):
-            ax = axes[r, c]
+            ax = axes(r, c)
             label = f"{gene}: {name}"
             if name != "measured" and "measured" in panels:
                 label += f" (r = {pearson(values, panels['measured']):.2f})"
@@ -171,8 +187,12 @@ def plot_spatial_maps(
                             linewidths=0, rasterized=True)
             if c == len(panels) - 1:
                 fig.colorbar(sc, ax=ax, shrink=0.8, label="expression (panel scale)")
-        for c in range(len(panels), ncols):
-            fig.delaxes(axes[r, c])
+        if not flat:
+            for c in range(len(panels), ncols):
+                fig.delaxes(grid[r, c])
+    if flat:
+        for ax in slots[top + len(genes):]:
+            fig.delaxes(ax)
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
