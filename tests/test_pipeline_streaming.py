@@ -27,13 +27,33 @@ def _config(out, models, stream=True):
     return cfg
 
 
-def test_the_store_holds_the_in_memory_data(tmp_path, small_chunks):
+def _two_slides(tmp_path, cfg):
+    """``cfg`` reading two small virtual slides from Sample .h5ad files (leave one slide out)."""
+    from gcmoe.data.virtual_tissue import simulate_tissue
+    from gcmoe.pipeline import write_h5ad
+
+    paths = []
+    for seed in (3, 4):
+        tissue = simulate_tissue(TissueConfig(n_cells=300, height=400, width=400, n_genes=40, n_reference_cells=300,
+                                              seed=seed, sample_id=f"slide{seed}"))
+        paths.append(str(tissue.sample.write(tmp_path / f"slide{seed}.h5ad")))
+        write_h5ad(tissue.reference, tmp_path / "reference.h5ad")
+    cfg.data.source, cfg.data.samples, cfg.data.reference = "samples", paths, str(tmp_path / "reference.h5ad")
+    return cfg
+
+
+@pytest.mark.parametrize("slides", [1, 2])
+def test_the_store_holds_the_in_memory_data(tmp_path, small_chunks, slides):
     from gcmoe.data.genes import compute_targets
     from gcmoe.pipeline import prepare_run
 
     needs = {"neighbours", "cell_types", "coexpression"}
-    memory = prepare_run(_config(tmp_path / "m", ["gcmoe"], stream=False), tmp_path / "m", needs, progress=False)
-    stream = prepare_run(_config(tmp_path / "s", ["gcmoe"]), tmp_path / "s", needs, progress=False)
+    configs = [_config(tmp_path / "m", ["gcmoe"], stream=False), _config(tmp_path / "s", ["gcmoe"])]
+    if slides == 2:
+        configs = [_two_slides(tmp_path, c) for c in configs]
+    memory = prepare_run(configs[0], tmp_path / "m", needs, progress=False)
+    stream = prepare_run(configs[1], tmp_path / "s", needs, progress=False)
+    assert len(set(stream.pooled.sample_ids)) == slides
     assert stream.pooled.features is None and stream.store is not None
     store, rows = stream.store.store, stream.store.rows
     n = len(rows)
