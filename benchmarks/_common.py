@@ -52,3 +52,21 @@ def write(name: str, payload: dict, markdown: str) -> None:
         tmp.write_text(text)
         os.replace(tmp, path)
     print(markdown)
+
+
+def size_args(ap, sizes: str = "100000,500000,2000000", modes: str = "stream,memory") -> None:
+    """The options the scale benchmarks share: cell counts, modes, feature dimension, epochs."""
+    ap.add_argument("--sizes", default=sizes)
+    ap.add_argument("--modes", default=modes)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--epochs", type=int, default=1)
+
+
+def largest_to_smallest(rows: list[dict], key: str) -> dict[str, float]:
+    """Per ``mode``: ``key`` of the row with the most ``cells`` over that of the fewest (modes with >1 row)."""
+    out = {}
+    for mode in sorted({r["mode"] for r in rows}):
+        mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["cells"])
+        if len(mine) > 1:
+            out[mode] = round(mine[-1][key] / mine[0][key], 2)
+    return out

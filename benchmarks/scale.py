@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import peak_rss_mb, write  # noqa: E402
+from _common import largest_to_smallest, peak_rss_mb, size_args, write  # noqa: E402
 
 GENES = 50
 TYPES = 4
@@ -109,10 +109,7 @@ def train(path: Path, mode: str, epochs: int, threads: int | None, device: str =
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="100000,500000,2000000")
-    ap.add_argument("--modes", default="stream,memory")
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--epochs", type=int, default=1)
+    size_args(ap)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="torch device of the training (cpu, cuda)")
     ap.add_argument("--amp", action="store_true", help="automatic mixed precision (train.amp)")
@@ -148,12 +145,9 @@ def main() -> None:
     lines = ["| cells | mode | training cells/s | peak RSS (MiB) | fit (s) | store on disk (MiB) |", "|---:|---|---:|---:|---:|---:|"]
     lines += [f"| {r['cells']:,} | {r['mode']} | {r['train_cells_per_s']:,} | {r['peak_rss_mb']:,} | {r['fit_seconds']} | "
               f"{r['store_mb']:,} |" for r in rows]
-    flat = {}
-    for mode in {r["mode"] for r in rows}:
-        mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["cells"])
-        if len(mine) > 1:
-            flat[mode] = {"peak_rss_ratio_largest_to_smallest": round(mine[-1]["peak_rss_mb"] / mine[0]["peak_rss_mb"], 2),
-                          "cells_per_s_ratio_largest_to_smallest": round(mine[-1]["train_cells_per_s"] / mine[0]["train_cells_per_s"], 2)}
+    rss, speed = largest_to_smallest(rows, "peak_rss_mb"), largest_to_smallest(rows, "train_cells_per_s")
+    flat = {m: {"peak_rss_ratio_largest_to_smallest": rss[m], "cells_per_s_ratio_largest_to_smallest": speed[m]}
+            for m in rss}
     md = ("# Scale: GC-MoE training from a cell store\n\n"
           f"Command: `.venv/bin/python benchmarks/scale.py --sizes {args.sizes} --modes {args.modes} --dim {args.dim} "
           f"--epochs {args.epochs}{' --device ' + args.device if args.device != 'cpu' else ''}{' --amp' if args.amp else ''}` "

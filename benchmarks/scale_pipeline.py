@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import peak_rss_mb, write  # noqa: E402
+from _common import largest_to_smallest, peak_rss_mb, size_args, write  # noqa: E402
 
 GENES = 50
 TYPES = ["neoplastic", "inflammatory", "connective", "epithelial"]
@@ -118,10 +118,7 @@ def run(root: Path, mode: str, dim: int, epochs: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="100000,500000,2000000")
-    ap.add_argument("--modes", default="stream,memory")
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--epochs", type=int, default=1)
+    size_args(ap)
     ap.add_argument("--dir", default="/tmp/gcmoe_scale_pipeline", help="where the slides and runs go (GBs at 2M)")
     ap.add_argument("--name", default="scale_pipeline")
     ap.add_argument("--_make", nargs=2, help=argparse.SUPPRESS)
@@ -151,11 +148,7 @@ def main() -> None:
     lines = ["| cells | slides | mode | peak RSS (MiB) | wall clock (s) | val PCC |", "|---:|---:|---|---:|---:|---:|"]
     lines += [f"| {r['cells']:,} | {r['slides']} | {r['mode']} | {r['peak_rss_mb']:,} | {r['seconds']} | {r['val_pcc']} |"
               for r in rows]
-    ratios = {}
-    for mode in sorted({r["mode"] for r in rows}):
-        mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["cells"])
-        if len(mine) > 1:
-            ratios[mode] = round(mine[-1]["peak_rss_mb"] / mine[0]["peak_rss_mb"], 2)
+    ratios = largest_to_smallest(rows, "peak_rss_mb")
     md = ("# Scale: `gcmoe train` end to end, in memory and with --stream\n\n"
           f"Command: `.venv/bin/python benchmarks/scale_pipeline.py --sizes {args.sizes} --modes {args.modes} "
           f"--dim {args.dim} --epochs {args.epochs}` (2 CPU cores, run alone). GC-MoE, {args.dim}-dim features "

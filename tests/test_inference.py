@@ -78,6 +78,8 @@ def test_from_a_model_folder_and_a_bare_image_to_an_h5ad_and_a_report(trained, t
     result = runner.invoke(app, ["plot", "prediction", str(pred), "--genes", str(anndata.read_h5ad(pred).var_names[0])])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "pred.png").stat().st_size > 10_000 and (tmp_path / "pred.svg").is_file()
+    result = runner.invoke(app, ["plot", "prediction", str(pred), "--genes", "NOPE"])
+    assert result.exit_code != 0 and "are not predicted by this model" in result.output
 
 
 @pytest.mark.slow

@@ -214,10 +214,11 @@ class RunData:
         return np.asarray(idx) if self.store is None else self.store.rows[np.asarray(idx)]
 
 
-def prepare_run(config: RunConfig, out: Path, needs: set[str], progress: bool = True, loaded=None) -> RunData:
+def prepare_run(config: RunConfig, out: Path, needs: set[str], progress: bool = True, loaded=None,
+                encoder=None) -> RunData:
     """Load or generate the data, extract (cached) features, and build what the models need.
 
-    ``loaded``: what :func:`load_samples` returned, when the caller has already loaded the samples.
+    ``loaded``: what :func:`load_samples` returned, and ``encoder``: the run's encoder, when the caller has them.
     """
     import torch
 
@@ -228,7 +229,8 @@ def prepare_run(config: RunConfig, out: Path, needs: set[str], progress: bool = 
     if "coexpression" in needs and reference is None:
         raise ConfigError("GC-MoE's co-expression graphs need a labelled reference scRNA-seq set: set data.reference")
     cache_dir = Path(config.features.cache_dir) if config.features.cache_dir else out / "cache"
-    encoder = create_encoder(config.features.encoder, weights=config.features.weights)  # once: weights load once
+    if encoder is None:  # one encoder for every slide: weights are loaded once
+        encoder = create_encoder(config.features.encoder, weights=config.features.weights)
     if config.train.stream:
         return _prepare_streaming(config, samples, reference, name, encoder, cache_dir, needs, progress)
     t0 = time.perf_counter()
@@ -683,9 +685,9 @@ def demo_config(out: str | os.PathLike = "gcmoe_demo", quick: bool = False) -> R
     return config
 
 
-def _extract_sharded(config: RunConfig, samples: list[Sample], out: Path, progress: bool) -> None:
+def _extract_sharded(config: RunConfig, samples: list[Sample], out: Path, progress: bool):
     """Under torchrun: every rank encodes its share of each slide's tiles into the run's feature cache, which
-    rank 0 assembles (gcmoe.features.partial); the later feature reads are cache hits."""
+    rank 0 assembles (gcmoe.features.partial); the later feature reads are cache hits. Returns the encoder."""
     from gcmoe.features import create_encoder, extract_features
     from gcmoe.training.distributed import local_device
 
@@ -695,6 +697,7 @@ def _extract_sharded(config: RunConfig, samples: list[Sample], out: Path, progre
     for s in samples:
         extract_features(s, encoder, cache_dir=cache_dir, batch_size=f.batch_size, device=local_device(f.device),
                          progress=progress, tile_size=f.tile_size, distributed=True)
+    return encoder
 
 
 def train_model(config: RunConfig, model_name: str, progress: bool = True, resume: bool = False) -> Path:
@@ -732,16 +735,16 @@ def train_model(config: RunConfig, model_name: str, progress: bool = True, resum
         check_streamable([entry], config)
         if main:
             save_config(config, out / "config.yaml")
-        loaded = None
+        loaded = encoder = None
         if world > 1:
             loaded = load_samples(config, out)
-            _extract_sharded(config, loaded[0], out, progress and main)
+            encoder = _extract_sharded(config, loaded[0], out, progress and main)
         if main:
-            run = prepare_run(config, out, set(entry.needs), progress, loaded)
+            run = prepare_run(config, out, set(entry.needs), progress, loaded, encoder)
         if world > 1:
             torch.distributed.barrier()  # rank 0 has written the data and caches the others now read
         if not main:
-            run = prepare_run(config, out, set(entry.needs), progress=False, loaded=loaded)
+            run = prepare_run(config, out, set(entry.needs), progress=False, loaded=loaded, encoder=encoder)
         pooled = run.pooled
         all_idx = np.arange(len(pooled.sample_ids))
         train_parts, val_parts = [], []

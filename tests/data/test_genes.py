@@ -15,14 +15,20 @@ def test_log1p_and_normalisation():
     np.testing.assert_array_equal(compute_targets(counts, TargetConfig(transform="none")), counts)
 
 
-def test_sparse_targets_equal_the_dense_ones():
+def test_sparse_targets_equal_the_dense_formula():
     import scipy.sparse as sp
 
-    counts = sp.csr_matrix(np.random.default_rng(0).poisson(0.7, (60, 9)).astype(np.float32))
-    for config in (TargetConfig(), TargetConfig(normalize_total=100), TargetConfig(transform="none", normalize_total=10)):
-        got = sparse_targets(counts, config)
-        assert sp.issparse(got) and got.dtype == np.float32
-        np.testing.assert_array_equal(got.toarray(), compute_targets(counts, config))
+    dense = np.random.default_rng(0).poisson(0.7, (60, 9)).astype(np.float64)
+    dense[3] = 0  # an empty cell
+    for nt in (None, 100.0):
+        for transform in ("log1p", "none"):
+            x = dense if nt is None else np.divide(dense * nt, dense.sum(1, keepdims=True),
+                                                   out=np.zeros_like(dense), where=dense.sum(1, keepdims=True) > 0)
+            want = (np.log1p(x) if transform == "log1p" else x).astype(np.float32)
+            got = sparse_targets(sp.csr_matrix(dense.astype(np.float32)), TargetConfig(transform=transform, normalize_total=nt))
+            assert sp.issparse(got) and got.dtype == np.float32
+            np.testing.assert_array_equal(got.toarray(), want)
+            np.testing.assert_array_equal(compute_targets(dense, TargetConfig(transform=transform, normalize_total=nt)), want)
 
 
 def test_hvg_picks_variable_genes_from_training_cells():

@@ -68,6 +68,8 @@ def test_run_figures(tiny_run):
         plot_run_gene_vectors(tiny_run, models=["stnet"])
     with pytest.raises(ConfigError, match="unknown expert"):
         plot_run_gene_vectors(tiny_run, expert="stromal")
+    with pytest.raises(RunFolderError, match=r"genes \['NOPE'\] were not evaluated here; evaluated genes: gene_"):
+        plot_run_spatial(tiny_run, genes=["NOPE"])
 
 
 def test_plot_commands(tiny_run, tmp_path):

@@ -21,23 +21,12 @@ log = logging.getLogger(__name__)
 
 
 def compute_targets(counts: np.ndarray | sp.spmatrix, config: TargetConfig) -> np.ndarray:
-    """Targets for every cell and gene of ``counts`` (cells x genes), float32."""
-    x = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
-    x = x.astype(np.float64, copy=False)
-    if config.normalize_total is not None:
-        if config.normalize_total <= 0:
-            raise ConfigError(f"targets.normalize_total must be > 0 or null, got {config.normalize_total}")
-        total = x.sum(axis=1, keepdims=True)
-        x = np.divide(x * config.normalize_total, total, out=np.zeros_like(x), where=total > 0)
-    if config.transform == "log1p":
-        x = np.log1p(x)
-    elif config.transform != "none":
-        raise ConfigError(f"targets.transform must be 'log1p' or 'none', got {config.transform!r}")
-    return x.astype(np.float32)
+    """Targets for every cell and gene of ``counts`` (cells x genes), float32 (:func:`sparse_targets`, dense)."""
+    return sparse_targets(counts, config).toarray()
 
 
-def sparse_targets(counts: sp.spmatrix, config: TargetConfig) -> sp.csr_matrix:
-    """:func:`compute_targets` of a sparse matrix, kept sparse (both transforms map 0 to 0), float32."""
+def sparse_targets(counts: np.ndarray | sp.spmatrix, config: TargetConfig) -> sp.csr_matrix:
+    """Targets as a sparse matrix (both transforms map 0 to 0), float32: no dense copy of cells x genes."""
     x = sp.csr_matrix(counts, dtype=np.float64, copy=True)
     if config.normalize_total is not None:
         if config.normalize_total <= 0:

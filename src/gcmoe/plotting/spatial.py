@@ -198,6 +198,16 @@ def plot_spatial_maps(
     return fig
 
 
+def _known_genes(genes: Sequence[str], var: list[str], problem: str) -> list[str]:
+    """``genes`` as a list, or RunFolderError naming the unknown ones (``problem``) and the first known ones."""
+    from gcmoe.plotting._run import RunFolderError
+
+    unknown = [g for g in genes if g not in var]
+    if unknown:
+        raise RunFolderError(f"genes {unknown} {problem} {', '.join(var[:20])}{' ...' if len(var) > 20 else ''}")
+    return list(genes)
+
+
 def plot_run_spatial(
     run_dir: str | os.PathLike,
     *,
@@ -228,11 +238,7 @@ def plot_run_spatial(
     display = model_names(adata)
     var = list(map(str, adata.var_names))
     if genes:
-        unknown = [g for g in genes if g not in var]
-        if unknown:
-            raise RunFolderError(f"genes {unknown} were not evaluated here; evaluated genes: {', '.join(var[:20])}"
-                                 f"{' ...' if len(var) > 20 else ''}")
-        genes = list(genes)
+        genes = _known_genes(genes, var, "were not evaluated here; evaluated genes:")
     else:
         best = np.asarray(adata.layers[chosen[-1]])
         measured_all = np.asarray(adata.X)
@@ -289,11 +295,7 @@ def plot_prediction(
     var = list(map(str, adata.var_names))
     values = np.asarray(adata.X, dtype=np.float32)
     if genes:
-        unknown = [g for g in genes if g not in var]
-        if unknown:
-            raise RunFolderError(f"genes {unknown} are not predicted by this model; it predicts {', '.join(var[:20])}"
-                                 f"{' ...' if len(var) > 20 else ''}")
-        genes = list(genes)
+        genes = _known_genes(genes, var, "are not predicted by this model; it predicts")
     else:
         genes = [var[j] for j in np.argsort(values.std(axis=0))[::-1][:n_genes]]
     cols = [var.index(g) for g in genes]
