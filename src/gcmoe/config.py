@@ -37,6 +37,9 @@ class TissueConfig:
     n_reference_cells: int = 5_000  # cells in the matching reference scRNA-seq set
     sample_id: str = "virtual_tissue"
     program_seed: int = 0  # seeds the gene programs only: tissues with different `seed` share their biology
+    neighbourhood_effect: float = 1.0  # scales the genes induced by a cell's neighbours (0 = none)
+    spill: float = 1.0  # scales the neighbours' transcripts captured by a cell's segment (0 = none)
+    stain: Literal["standard", "alternate"] = "standard"  # H&E stain/scanner preset of the renderer
 
 
 @dataclass

@@ -191,3 +191,36 @@ def test_bad_settings_raise():
         simulate_tissue(n_cells=0)
     with pytest.raises(ConfigError):
         expected_target(AnnData(np.zeros((2, 2))), transform="sqrt")
+
+
+def test_neighbourhood_effect_and_spill_switch_off_the_neighbours(tissue):
+    """neighbourhood_effect=0 and spill=0: a cell's expected counts depend on its own type and state only."""
+    from gcmoe.data.virtual_tissue.expression import own_expression
+
+    quiet = simulate_tissue(TissueConfig(seed=3, **SMALL, neighbourhood_effect=0.0, spill=0.0))
+    assert np.array_equal(quiet.sample.spatial, tissue.sample.spatial)  # same layout and image
+    assert np.array_equal(quiet.sample.image.array, tissue.sample.image.array)
+    state = quiet.truth.state.copy()
+    names = list(quiet.truth.programs.subtype_names)
+    subtype = np.array([names.index(s) for s in quiet.truth.cell_subtype])
+    moved = state.copy()
+    moved[:, 5:7] = np.random.default_rng(0).uniform(0, 1, (len(state), 2))  # other neighbourhoods
+    own = own_expression(quiet.truth.programs, subtype, state)
+    assert np.allclose(quiet.truth.expected_counts, own)  # no spill-over
+    assert np.allclose(own_expression(quiet.truth.programs, subtype, moved), own)  # no induced genes
+    assert not np.allclose(tissue.truth.expected_counts, quiet.truth.expected_counts)
+    strong = simulate_tissue(TissueConfig(seed=3, **SMALL, neighbourhood_effect=3.0))
+    induced = np.array([r.startswith("neighbourhood:") for r in strong.sample.adata.var["gene_role"]])
+    var_default = np.log1p(tissue.truth.expected_counts[:, induced]).var(0).mean()
+    assert np.log1p(strong.truth.expected_counts[:, induced]).var(0).mean() > 1.5 * var_default
+
+
+def test_alternate_stain_changes_colour_not_cells(tissue):
+    alt = simulate_tissue(TissueConfig(seed=3, **SMALL, stain="alternate"))
+    assert np.array_equal(alt.sample.counts, tissue.sample.counts)
+    a, b = tissue.sample.image.array.astype(float), alt.sample.image.array.astype(float)
+    assert np.abs(a.mean((0, 1)) - b.mean((0, 1))).max() > 5  # another colour balance
+    dark_a, dark_b = a.sum(-1) < np.percentile(a.sum(-1), 5), b.sum(-1) < np.percentile(b.sum(-1), 5)
+    assert (dark_a & dark_b).sum() > 0.5 * dark_a.sum()  # the nuclei are where they were
+    with pytest.raises(ConfigError, match="stain"):
+        simulate_tissue(TissueConfig(seed=3, **SMALL, stain="sepia"))

@@ -223,7 +223,7 @@ def neighbour_fractions(xy_um: np.ndarray, subtype: np.ndarray, types: TypeSet, 
     return frac[0], frac[1]
 
 
-def spill_matrix(xy_um: np.ndarray) -> sp.csr_matrix:
+def spill_matrix(xy_um: np.ndarray, spill: float = SPILL) -> sp.csr_matrix:
     """Sparse (n, n) matrix S with mu = own + S @ own: transcripts of neighbours captured by a cell's segment.
 
     Each cell's transcripts spread around it as a Gaussian of sd SPILL_SIGMA_UM (per um^2); cell i captures
@@ -233,7 +233,7 @@ def spill_matrix(xy_um: np.ndarray) -> sp.csr_matrix:
     carries a varying share of the tumour profile; a lymphocyte in an aggregate captures little.
     """
     n = len(xy_um)
-    if n < 2:
+    if n < 2 or spill == 0:
         return sp.csr_matrix((n, n))
     pairs = cKDTree(xy_um).query_pairs(3 * SPILL_SIGMA_UM, output_type="ndarray")
     d2 = ((xy_um[pairs[:, 0]] - xy_um[pairs[:, 1]]) ** 2).sum(axis=1)
@@ -242,7 +242,7 @@ def spill_matrix(xy_um: np.ndarray) -> sp.csr_matrix:
     cols = np.concatenate([pairs[:, 1], pairs[:, 0]])
     vals = np.concatenate([k, k])
     area = np.pi * TERRITORY_UM**2 / (1.0 + np.bincount(rows, vals, minlength=n))
-    vals = SPILL * area[rows] * vals / (2 * np.pi * SPILL_SIGMA_UM**2)
+    vals = spill * area[rows] * vals / (2 * np.pi * SPILL_SIGMA_UM**2)
     return sp.csr_matrix((vals, (rows, cols)), shape=(n, n))
 
 

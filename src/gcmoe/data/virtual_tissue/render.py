@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
@@ -44,6 +45,28 @@ _REGION_OD = {
     EPITHELIUM: (0.28, 0.05, 0.0),
     LUMEN: (0.03, 0.0, 0.0),
     VESSEL: (0.10, 0.0, 0.0),
+}
+
+
+
+@dataclass(frozen=True)
+class StainPreset:
+    """How one lab's staining and one scanner's optics look: stain vectors, stain strength, blur, glass."""
+
+    stain_h: tuple[float, float, float]  # haematoxylin OD per unit, (R, G, B)
+    stain_e: tuple[float, float, float]  # eosin OD per unit, (R, G, B)
+    h_scale: float  # multiplies the haematoxylin optical density
+    e_scale: float  # multiplies the eosin optical density
+    blur_um: float  # optical blur, micrometres (Gaussian sigma)
+    glass: tuple[float, float, float]  # light through bare glass
+
+
+# "standard": the vectors above, sharp optics. "alternate": Ruifrok and Johnston's vectors (a bluer
+# haematoxylin, a redder eosin), stronger haematoxylin and weaker eosin, softer optics and a warmer glass,
+# as a second lab and scanner would give.
+STAIN_PRESETS: dict[str, StainPreset] = {
+    "standard": StainPreset(tuple(STAIN_H), tuple(STAIN_E), 1.0, 1.0, BLUR_UM, tuple(GLASS)),
+    "alternate": StainPreset((0.650, 0.704, 0.286), (0.072, 0.990, 0.105), 1.3, 0.75, 0.6, (238.0, 233.0, 226.0)),
 }
 _BATCH = 384  # cells stamped per vectorised batch
 
@@ -182,7 +205,7 @@ def _fat_membranes(fat_w: np.ndarray, adipocytes_px: np.ndarray, mpp: float) -> 
 
 
 def render_he(layout: Layout, morph: Morphology, shape: tuple[int, int], mpp: float,
-              rng: np.random.Generator) -> np.ndarray:
+              rng: np.random.Generator, stain: str = "standard") -> np.ndarray:
     """Paint the tissue and its cells; returns the RGB image, uint8 (height, width, 3).
 
     Parameters
@@ -197,7 +220,10 @@ def render_he(layout: Layout, morph: Morphology, shape: tuple[int, int], mpp: fl
         Micrometres per pixel.
     rng
         Random generator (the renderer's own stream).
+    stain
+        A key of ``STAIN_PRESETS``.
     """
+    preset = STAIN_PRESETS[stain]
     table = np.zeros((max(_REGION_OD) + 1, 3), dtype=np.float32)
     for code, vals in _REGION_OD.items():
         table[code] = vals
@@ -227,13 +253,15 @@ def render_he(layout: Layout, morph: Morphology, shape: tuple[int, int], mpp: fl
     # slide-level stain variation, optics
     h_map *= resize(1.0 + 0.07 * smooth_field(gshape, 300.0 / (layout.step * mpp), rng), shape)
     e_map *= resize(1.0 + 0.08 * smooth_field(gshape, 300.0 / (layout.step * mpp), rng), shape)
-    sigma = BLUR_UM / mpp
+    h_map *= preset.h_scale
+    e_map *= preset.e_scale
+    sigma = preset.blur_um / mpp
     h_map = ndimage.gaussian_filter(h_map, sigma)
     e_map = ndimage.gaussian_filter(e_map, sigma)
     log.debug("rendered %d cells and %d red cells on %dx%d px", len(layout.xy), len(layout.rbc_xy), shape[1], shape[0])
     rgb = np.empty((*shape, 3), dtype=np.uint8)
     for ch in range(3):
-        light = GLASS[ch] * np.exp(-(h_map * STAIN_H[ch] + e_map * STAIN_E[ch]))
+        light = preset.glass[ch] * np.exp(-(h_map * preset.stain_h[ch] + e_map * preset.stain_e[ch]))
         light += rng.normal(0.0, NOISE_SD, shape).astype(np.float32)
         rgb[..., ch] = np.clip(np.rint(light), 0, 255).astype(np.uint8)
     return rgb

@@ -17,13 +17,13 @@ from gcmoe.config import TissueConfig
 from gcmoe.data.sample import Sample
 from gcmoe.data.virtual_tissue.cell_types import TypeSet, resolve_types
 from gcmoe.data.virtual_tissue.expression import (ACTIVITY_FIELD_UM, STATE_NAMES, VISIBLE_STATE, GenePrograms,
-                                                  draw_counts, draw_state, dropout_params, make_programs,
+                                                  SPILL, draw_counts, draw_state, dropout_params, make_programs,
                                                   neighbour_fractions, own_expression, simulate_reference,
                                                   spill_matrix)
 from gcmoe.data.virtual_tissue.fields import sample_grid, smooth_field
 from gcmoe.data.virtual_tissue.layout import REGION_NAMES, Layout, build_layout
 from gcmoe.data.virtual_tissue.morphology import Morphology, exclusion_radius_um, sample_morphology
-from gcmoe.data.virtual_tissue.render import render_he
+from gcmoe.data.virtual_tissue.render import STAIN_PRESETS, render_he
 from gcmoe.data.virtual_tissue.truth import DISPERSION_KEY
 from gcmoe.errors import ConfigError
 
@@ -109,6 +109,9 @@ def _resolve_config(config: TissueConfig | None, overrides: dict) -> TissueConfi
         (config.noise >= 0, "noise must be >= 0"),
         (config.dropout >= 0, "dropout must be >= 0"),
         (config.morphology_contrast >= 0, "morphology_contrast must be >= 0"),
+        (config.neighbourhood_effect >= 0, "neighbourhood_effect must be >= 0"),
+        (config.spill >= 0, "spill must be >= 0"),
+        (config.stain in STAIN_PRESETS, f"stain must be one of {sorted(STAIN_PRESETS)}"),
         (config.n_reference_cells >= 0, "n_reference_cells must be >= 0"),
     ]
     for ok, message in checks:
@@ -146,6 +149,9 @@ def simulate_tissue(config: TissueConfig | None = None, **overrides) -> VirtualT
     streams = {name: np.random.default_rng(s) for name, s in zip(_STREAMS, seeds)}
     types = resolve_types(config.n_cell_types, config.morphology_contrast, config.program_seed)
     programs = make_programs(types, config.n_genes, config.program_seed)
+    if config.neighbourhood_effect != 1.0:
+        programs = dataclasses.replace(programs, nbr_immune=programs.nbr_immune * config.neighbourhood_effect,
+                                       nbr_tumour=programs.nbr_tumour * config.neighbourhood_effect)
     mpp = float(config.mpp)
 
     layout = build_layout(config.height, config.width, mpp, config.n_cells, types, exclusion_radius_um(types),
@@ -158,11 +164,12 @@ def simulate_tissue(config: TissueConfig | None = None, **overrides) -> VirtualT
     morph = sample_morphology(types, layout.subtype, state[:, 0], state[:, 1], layout.orientation,
                               streams["morphology"])
     t1 = time.perf_counter()
-    image = render_he(layout, morph, (config.height, config.width), mpp, streams["render"])
+    image = render_he(layout, morph, (config.height, config.width), mpp, streams["render"],
+                      stain=config.stain)
     t2 = time.perf_counter()
 
     own = own_expression(programs, layout.subtype, state)
-    mu = own + spill_matrix(xy_um) @ own
+    mu = own + spill_matrix(xy_um, SPILL * config.spill) @ own
     dispersion = programs.dispersion * config.noise
     dropout = dropout_params(config.dropout)
     counts = draw_counts(mu, dispersion, dropout, streams["counts"])
