@@ -75,7 +75,12 @@ class ArrayImage:
 
 
 class TiffImage:
-    """A (pyramidal) TIFF read lazily: level 0 through tifffile's zarr store."""
+    """A TIFF, BigTIFF or OME-TIFF read lazily: the full-resolution level through tifffile's zarr store.
+
+    Pixels may be interleaved (height, width, 3|4) or channel-first (3, height, width), as OME-TIFFs and
+    planar TIFFs store them; any compression imagecodecs decodes (LZW, JPEG, JPEG 2000, deflate, ...). One
+    pixel is decoded at open, so a missing codec is reported here rather than in the middle of a run.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         import tifffile
@@ -85,36 +90,62 @@ class TiffImage:
         if not self._path.is_file():
             raise ImageReadError(f"image file not found: {self._path}")
         try:
-            store = tifffile.imread(self._path, aszarr=True)
-            node = zarr.open(store, mode="r")
-            level0 = node["0"] if isinstance(node, zarr.Group) else node
+            self._tif = tifffile.TiffFile(self._path)
+            series = max(self._tif.series, key=lambda s: _plane_size(s.shape, s.axes))
+            self._level0 = zarr.open(series.aszarr(level=0), mode="r")
         except Exception as exc:  # tifffile raises several types for broken files
             raise ImageReadError(
                 f"cannot read {self._path} as a TIFF image ({type(exc).__name__}: {exc}); "
                 "check that the file is complete and is a TIFF/BigTIFF"
             ) from exc
-        shape = tuple(level0.shape)
-        if len(shape) == 3 and shape[0] in (3, 4) and shape[2] not in (3, 4):
-            raise ImageReadError(f"{self._path}: planar (channel-first) images are not supported; save it as RGB")
-        if len(shape) != 3 or shape[2] not in (3, 4) or level0.dtype != np.uint8:
-            raise ImageReadError(
-                f"{self._path}: expected an 8-bit RGB image (height, width, 3); got {level0.dtype} {shape}"
-            )
-        self._level0 = level0
-        self._store = store
+        self._axes = series.axes
+        self._channel_axis = _rgb_channel_axis(self._path, series.axes, tuple(series.shape), series.dtype)
+        self._compression = _compression_name(series)
+        self._check_decodes()
 
     @property
     def shape(self) -> tuple[int, int]:
-        return int(self._level0.shape[0]), int(self._level0.shape[1])
+        return (int(self._level0.shape[self._axes.index("Y")]), int(self._level0.shape[self._axes.index("X")]))
 
     @property
     def path(self) -> Path | None:
         return self._path
 
+    @property
+    def compression(self) -> str:
+        """The TIFF compression of the full-resolution level (e.g. "LZW", "JPEG", "NONE")."""
+        return self._compression
+
+    def _pixels(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels [y0, y1) x [x0, x1) as (height, width, 3), whatever the file's axis order."""
+        y, x = self._axes.index("Y"), self._axes.index("X")
+        index: list[int | slice] = [0] * len(self._axes)  # other axes are single planes
+        index[y], index[x], index[self._channel_axis] = slice(y0, y1), slice(x0, x1), slice(0, 3)
+        block = np.asarray(self._level0[tuple(index)])
+        kept = sorted((y, x, self._channel_axis))
+        order = [kept.index(y), kept.index(x), kept.index(self._channel_axis)]
+        return block if order == [0, 1, 2] else np.transpose(block, order)
+
+    def _check_decodes(self) -> None:
+        """Decode one pixel; a missing or failing codec becomes an error naming the file, codec and fix."""
+        try:
+            self._pixels(0, 1, 0, 1)
+        except Exception as exc:
+            if "imagecodecs" in str(exc):
+                fix = ("install imagecodecs (pip install imagecodecs; it is a gcmoe dependency, so reinstalling "
+                       "gcmoe also brings it)")
+            else:
+                fix = ("the file may be damaged; if it opens elsewhere, re-save it with a common compression, e.g. "
+                       "vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg")
+            raise ImageReadError(
+                f"{self._path}: cannot decode its {self._compression}-compressed pixels ({type(exc).__name__}: "
+                f"{exc}); {fix}"
+            ) from exc
+
     def read_region(self, x: int, y: int, width: int, height: int) -> np.ndarray:
         def get(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
             try:
-                return np.asarray(self._level0[y0:y1, x0:x1, :3])
+                return self._pixels(y0, y1, x0, x1)
             except Exception as exc:
                 raise ImageReadError(
                     f"{self._path}: failed to decode region x={x0}..{x1}, y={y0}..{y1} ({exc}); "
@@ -122,6 +153,35 @@ class TiffImage:
                 ) from exc
 
         return _padded_read(get, self.shape, x, y, width, height)
+
+
+def _plane_size(shape: tuple[int, ...], axes: str) -> int:
+    """Height x width of a tifffile series (0 without Y and X axes): the largest one is the slide."""
+    return shape[axes.index("Y")] * shape[axes.index("X")] if "Y" in axes and "X" in axes else 0
+
+
+def _rgb_channel_axis(path: Path, axes: str, shape: tuple[int, ...], dtype: np.dtype) -> int:
+    """The position of the colour axis of an 8-bit RGB(A) series, interleaved ("YXS") or channel-first
+    ("SYX", OME's "CYX"); anything else is refused with what was found."""
+    found = f"axes {axes!r}, shape {shape}, {np.dtype(dtype)}"
+    extra = [a for a, n in zip(axes, shape) if a not in "YXSC" and n > 1]
+    colour = [i for i, a in enumerate(axes) if a in "SC"]
+    if "Y" not in axes or "X" not in axes or extra or len(colour) != 1 or shape[colour[0]] not in (3, 4):
+        raise ImageReadError(
+            f"{path}: expected one RGB H&E image, interleaved (height, width, 3) or channel-first (3, height, width); "
+            f"found {found}: a fluorescence or multi-plane image is not an H&E; export the H&E alone as RGB"
+        )
+    if np.dtype(dtype) != np.uint8:
+        raise ImageReadError(f"{path}: expected 8-bit RGB pixels; found {found}; convert it to 8 bits per channel")
+    return colour[0]
+
+
+def _compression_name(series) -> str:
+    """The compression of a tifffile series' first page, as its TIFF name."""
+    try:
+        return str(series.keyframe.compression.name)
+    except (AttributeError, ValueError):
+        return "unknown"
 
 
 def tiff_mpp(path: str | os.PathLike) -> float | None:

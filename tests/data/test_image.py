@@ -1,0 +1,153 @@
+"""Images written the way others write them: HEST's LZW pyramids, scanners' JPEG tiles, BigTIFF, OME-TIFF.
+
+The fixtures are written with tifffile + imagecodecs (the libraries HEST's and 10x's files are read with),
+using the layouts of the writers' own code: HEST's ``tiff_save`` (libvips: tiled 256 px, LZW with the
+horizontal predictor, pyramid levels as reduced-resolution pages, resolution in pixels per centimetre),
+Aperio-style scanners (JPEG tiles in YCbCr, BigTIFF) and 10x's OME-TIFFs (channel-first planes, SubIFD pyramid,
+``PhysicalSizeX``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from gcmoe.data.image import TiffImage, open_image
+from gcmoe.errors import ImageReadError
+
+
+def he_like(height: int = 600, width: int = 700) -> np.ndarray:
+    """A smooth pink image with dark blobs: lossy codecs keep it close to the original."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    image = np.empty((height, width, 3), dtype=np.float64)
+    image[..., 0] = 220 - 30 * np.sin(xx / 40.0)
+    image[..., 1] = 160 + 30 * np.cos(yy / 55.0)
+    image[..., 2] = 200 - 20 * np.sin((xx + yy) / 70.0)
+    for cy, cx in [(100, 120), (300, 420), (500, 640), (450, 200)]:
+        blob = ((yy - cy) ** 2 + (xx - cx) ** 2) < 18**2
+        image[blob] = (90, 60, 140)
+    return image.astype(np.uint8)
+
+
+def write_hest_wsi(path: Path, image: np.ndarray, mpp: float, bigtiff: bool = False) -> Path:
+    """HEST's ``wsis/{id}.tif``: libvips tiffsave(pyramid, tile 256, lzw), levels as reduced pages; HEST passes
+    pixels per centimetre where libvips expects pixels per millimetre, so the tags say mpp / 10 (HEST #106)."""
+    pixels_per_cm = 10 * 1e4 / mpp
+    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tw:
+        level = image
+        tw.write(level, tile=(256, 256), compression="lzw", predictor=True, photometric="rgb", metadata=None,
+                 resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER")
+        while min(level.shape[:2]) > 256:
+            level = np.ascontiguousarray(level[::2, ::2])
+            tw.write(level, tile=(256, 256), compression="lzw", predictor=True, photometric="rgb", metadata=None,
+                     subfiletype=1)
+    return path
+
+
+def write_scanner_jpeg(path: Path, image: np.ndarray) -> Path:
+    """A scanner-style slide: BigTIFF, JPEG tiles (YCbCr), a SubIFD pyramid."""
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        tw.write(image, tile=(256, 256), compression="jpeg", photometric="rgb", subifds=1, metadata=None)
+        tw.write(np.ascontiguousarray(image[::2, ::2]), tile=(256, 256), compression="jpeg", photometric="rgb",
+                 subfiletype=1, metadata=None)
+    return path
+
+
+def write_ome_channel_first(path: Path, image: np.ndarray, mpp: float) -> Path:
+    """An OME-TIFF H&E stored as three grey planes (C, Y, X), tiled, with a SubIFD pyramid and PhysicalSizeX."""
+    planes = np.ascontiguousarray(np.moveaxis(image, 2, 0))
+    meta = {"axes": "CYX", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp, "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeYUnit": "µm"}
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
+        tw.write(planes, tile=(256, 256), compression="zlib", photometric="minisblack", subifds=1, metadata=meta)
+        tw.write(np.ascontiguousarray(planes[:, ::2, ::2]), tile=(256, 256), compression="zlib",
+                 photometric="minisblack", subfiletype=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return he_like()
+
+
+def _region(img, x=250, y=100, w=300, h=200) -> np.ndarray:
+    return img.read_region(x, y, w, h)
+
+
+def test_hest_lzw_pyramid_reads_exactly(tmp_path, image):
+    slide = open_image(write_hest_wsi(tmp_path / "TENX95.tif", image, mpp=0.2738))
+    assert isinstance(slide, TiffImage) and slide.compression == "LZW"
+    assert slide.shape == (600, 700)
+    np.testing.assert_array_equal(_region(slide), image[100:300, 250:550])
+
+
+def test_hest_lzw_bigtiff_reads_exactly(tmp_path, image):
+    path = write_hest_wsi(tmp_path / "big.tif", image, mpp=0.5, bigtiff=True)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_bigtiff
+    np.testing.assert_array_equal(_region(open_image(path)), image[100:300, 250:550])
+
+
+def test_scanner_jpeg_pyramid_reads_within_jpeg_loss(tmp_path, image):
+    slide = open_image(write_scanner_jpeg(tmp_path / "scan.tif", image))
+    assert slide.compression == "JPEG" and slide.shape == (600, 700)
+    region = _region(slide).astype(int)
+    assert np.abs(region - image[100:300, 250:550]).mean() < 3
+
+
+def test_channel_first_ome_tiff_reads_as_rgb(tmp_path, image):
+    slide = open_image(write_ome_channel_first(tmp_path / "he_image.ome.tif", image, mpp=0.2125))
+    assert slide.shape == (600, 700)
+    np.testing.assert_array_equal(_region(slide), image[100:300, 250:550])
+    # a region across the border pads white, as for interleaved files
+    edge = slide.read_region(650, 580, 100, 40)
+    np.testing.assert_array_equal(edge[:20, :50], image[580:, 650:])
+    assert (edge[20:] == 255).all() and (edge[:, 50:] == 255).all()
+
+
+def test_planar_rgb_tiff_reads_as_rgb(tmp_path, image):
+    path = tmp_path / "planar.tif"
+    tifffile.imwrite(path, np.ascontiguousarray(np.moveaxis(image, 2, 0)), photometric="rgb",
+                     planarconfig="separate", compression="lzw")
+    np.testing.assert_array_equal(_region(open_image(path)), image[100:300, 250:550])
+
+
+def test_images_that_are_not_rgb_he_are_refused(tmp_path, image):
+    grey = tmp_path / "grey.tif"
+    tifffile.imwrite(grey, image[..., 0])
+    with pytest.raises(ImageReadError, match=r"grey\.tif: expected one RGB H&E image.*found axes 'YX'"):
+        open_image(grey)
+    fluo = tmp_path / "morphology.ome.tif"
+    tifffile.imwrite(fluo, np.zeros((5, 64, 64), np.uint16), ome=True, metadata={"axes": "CYX"})
+    with pytest.raises(ImageReadError, match=r"morphology\.ome\.tif: expected one RGB H&E image.*shape \(5, 64, 64\)"):
+        open_image(fluo)
+    deep = tmp_path / "deep.tif"
+    tifffile.imwrite(deep, image.astype(np.uint16) * 256, photometric="rgb")
+    with pytest.raises(ImageReadError, match=r"deep\.tif: expected 8-bit RGB pixels.*uint16.*convert it to 8 bits"):
+        open_image(deep)
+
+
+def test_missing_codec_is_reported_at_open(tmp_path, image):
+    """Without imagecodecs, tifffile cannot decode LZW: the error comes at open, with the file, codec and fix."""
+    path = write_hest_wsi(tmp_path / "TENX95.tif", image, mpp=0.2738)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["imagecodecs"] = None  # as in an environment where imagecodecs is not installed
+        from gcmoe.data.image import open_image
+        from gcmoe.errors import ImageReadError
+        try:
+            open_image({str(path)!r})
+        except ImageReadError as exc:
+            print(exc)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    message = result.stdout
+    assert "TENX95.tif: cannot decode its LZW-compressed pixels" in message
+    assert "pip install imagecodecs" in message
