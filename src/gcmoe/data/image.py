@@ -1,14 +1,16 @@
 """Lazy access to H&E images: read a region of the full-resolution level without loading the slide.
 
 Implementations share one small protocol: :class:`ArrayImage` (an RGB array in memory, e.g. a freshly
-generated virtual tissue), :class:`TiffImage` (a tiled, possibly pyramidal, TIFF or BigTIFF read through
-tifffile's zarr store, so only the tiles a region touches are decoded) and :class:`OpenSlideImage` (vendor
-formats through OpenSlide, with the optional ``openslide`` extra).
+generated virtual tissue), :class:`TiffImage` (a tiled, possibly pyramidal, TIFF, BigTIFF or OME-TIFF read
+through tifffile's zarr store, so only the tiles a region touches are decoded), :class:`PillowImage` (a PNG or
+JPEG crop, decoded whole by Pillow) and :class:`OpenSlideImage` (vendor formats through OpenSlide, with the
+optional ``openslide`` extra). :func:`open_image` picks one by the file's signature (its first bytes).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -184,6 +186,72 @@ def _compression_name(series) -> str:
         return "unknown"
 
 
+class PillowImage:
+    """A PNG or JPEG image (how most public H&E crops come), decoded whole by Pillow at open.
+
+    These formats are not tiled, so the pixels are held in memory (3 bytes per pixel); an image larger than
+    Pillow's decompression-bomb limit is refused with the advice to convert it to a pyramidal TIFF. An alpha
+    channel is composited over white (transparent = glass). They carry no microscope pixel size: the caller
+    gives ``mpp``.
+    """
+
+    MODES = ("RGB", "RGBA", "P")
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from PIL import Image
+
+        self._path = Path(path)
+        if not self._path.is_file():
+            raise ImageReadError(f"image file not found: {self._path}")
+        try:
+            with Image.open(self._path) as img:
+                img.load()
+                self.format = str(img.format)
+                rgb = _pillow_rgb(self._path, img)
+                orientation = img.getexif().get(0x0112, 1)
+        except Image.DecompressionBombError as exc:
+            raise ImageReadError(
+                f"{self._path}: {exc}; an image this large should be a tiled pyramidal TIFF: "
+                "vips tiffsave in.jpg out.tif --tile --pyramid --compression jpeg"
+            ) from exc
+        except (OSError, SyntaxError, ValueError) as exc:  # Pillow's errors for broken or truncated files
+            raise ImageReadError(
+                f"cannot read {self._path} as a PNG/JPEG image ({type(exc).__name__}: {exc}); "
+                "check that the file is complete"
+            ) from exc
+        if orientation != 1:
+            warnings.warn(
+                f"{self._path}: EXIF orientation {orientation} is not applied; pixels and cell coordinates are "
+                "taken as stored", stacklevel=2,
+            )
+        self._array = ArrayImage(rgb)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._array.shape
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    def read_region(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        return self._array.read_region(x, y, width, height)
+
+
+def _pillow_rgb(path: Path, img) -> np.ndarray:
+    """An opened Pillow image as uint8 (height, width, 3); alpha composited over white; others refused."""
+    if img.mode not in PillowImage.MODES:
+        raise ImageReadError(
+            f"{path}: expected an 8-bit RGB H&E image; found Pillow mode {img.mode!r} ({img.format}); "
+            "export the H&E as RGB"
+        )
+    if img.mode == "RGB":
+        return np.asarray(img, dtype=np.uint8)
+    rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
+    alpha = rgba[..., 3:] / 255.0
+    return np.round(rgba[..., :3] * alpha + BACKGROUND * (1 - alpha)).astype(np.uint8)
+
+
 def tiff_mpp(path: str | os.PathLike) -> float | None:
     """Micrometres per pixel from a TIFF's resolution tags, or None when the tags are absent or unitless."""
     import tifffile
@@ -199,6 +267,51 @@ def tiff_mpp(path: str | os.PathLike) -> float | None:
         pixels_per_unit = num / den
         um_per_unit = {2: 25_400.0, 3: 10_000.0}.get(int(unit.value))  # inch, centimetre
         return None if um_per_unit is None else um_per_unit / pixels_per_unit
+
+
+OME_LENGTH_UNITS_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def ome_mpp(path: str | os.PathLike) -> float | None:
+    """``PhysicalSizeX`` of an OME-TIFF's first image in micrometres, or None (not OME, absent, unknown unit)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        xml = tif.ome_metadata
+    if not xml:
+        return None
+    images = tifffile.xml2dict(xml).get("OME", {}).get("Image", {})
+    pixels = (images[0] if isinstance(images, list) and images else images).get("Pixels", {})
+    size = pixels.get("PhysicalSizeX")
+    scale = OME_LENGTH_UNITS_UM.get(str(pixels.get("PhysicalSizeXUnit", "µm")))
+    try:
+        return None if size is None or scale is None else float(size) * scale
+    except (TypeError, ValueError):
+        return None
+
+
+def image_mpp(path: str | os.PathLike) -> tuple[float, str] | None:
+    """The pixel size an image file states, with where it was read, or None.
+
+    OME ``PhysicalSizeX``, else the TIFF resolution tags, else OpenSlide's ``openslide.mpp-x``. PNG and JPEG
+    give None: their dpi fields (pHYs, JFIF density) hold a display resolution set by the exporting program,
+    not the microscope's pixel size. The value is not checked here: callers pass it through the readers'
+    plausibility check (``gcmoe.data.readers.resolve_image_mpp``).
+    """
+    path = Path(path)
+    if path.suffix.lower() in OPENSLIDE_SUFFIXES:
+        mpp = openslide_mpp(path)
+        return None if mpp is None else (mpp, f"{path.name}'s openslide.mpp-x")
+    if file_signature(path)[:4] not in TIFF_SIGNATURES:
+        return None
+    try:
+        mpp = ome_mpp(path)
+        if mpp is not None:
+            return mpp, f"{path.name}'s OME PhysicalSizeX"
+        mpp = tiff_mpp(path)
+    except Exception:  # unreadable tags: the image itself is checked when it is opened
+        return None
+    return None if mpp is None else (mpp, f"{path.name}'s TIFF resolution tags")
 
 
 def write_tiff(path: str | os.PathLike, array: np.ndarray, mpp: float, tile: int = 256) -> Path:
@@ -288,8 +401,25 @@ def openslide_mpp(path: str | os.PathLike) -> float | None:
         return None
 
 
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # TIFF, BigTIFF; either byte order
+PILLOW_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG
+
+
+def file_signature(path: Path) -> bytes:
+    """The first 8 bytes of a file (empty when it cannot be read; the reader then says why)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8)
+    except OSError:
+        return b""
+
+
 def open_image(path: str | os.PathLike) -> SlideImage:
-    """Open an image file lazily: TIFF/BigTIFF (tifffile), or .svs/.ndpi/.mrxs/... through OpenSlide."""
-    if Path(path).suffix.lower() in OPENSLIDE_SUFFIXES:
+    """Open an image file: .svs/.ndpi/.mrxs/... through OpenSlide, PNG and JPEG (by their signature) through
+    Pillow, anything else as TIFF/BigTIFF/OME-TIFF through tifffile."""
+    path = Path(path)
+    if path.suffix.lower() in OPENSLIDE_SUFFIXES:
         return OpenSlideImage(path)
+    if file_signature(path).startswith(PILLOW_SIGNATURES):
+        return PillowImage(path)
     return TiffImage(path)
