@@ -14,7 +14,6 @@ import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,87 +25,38 @@ from gcmoe.data.readers._common import choose_mpp
 from gcmoe.errors import ImageReadError, InvalidSampleError
 
 
-def he_like(height: int = 600, width: int = 700) -> np.ndarray:
-    """A smooth pink image with dark blobs: lossy codecs keep it close to the original."""
-    yy, xx = np.mgrid[0:height, 0:width]
-    image = np.empty((height, width, 3), dtype=np.float64)
-    image[..., 0] = 220 - 30 * np.sin(xx / 40.0)
-    image[..., 1] = 160 + 30 * np.cos(yy / 55.0)
-    image[..., 2] = 200 - 20 * np.sin((xx + yy) / 70.0)
-    for cy, cx in [(100, 120), (300, 420), (500, 640), (450, 200)]:
-        blob = ((yy - cy) ** 2 + (xx - cx) ** 2) < 18**2
-        image[blob] = (90, 60, 140)
-    return image.astype(np.uint8)
-
-
-def write_hest_wsi(path: Path, image: np.ndarray, mpp: float, bigtiff: bool = False) -> Path:
-    """HEST's ``wsis/{id}.tif``: libvips tiffsave(pyramid, tile 256, lzw), levels as reduced pages; HEST passes
-    pixels per centimetre where libvips expects pixels per millimetre, so the tags say mpp / 10 (HEST #106)."""
-    pixels_per_cm = 10 * 1e4 / mpp
-    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tw:
-        level = image
-        tw.write(level, tile=(256, 256), compression="lzw", predictor=True, photometric="rgb", metadata=None,
-                 resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER")
-        while min(level.shape[:2]) > 256:
-            level = np.ascontiguousarray(level[::2, ::2])
-            tw.write(level, tile=(256, 256), compression="lzw", predictor=True, photometric="rgb", metadata=None,
-                     subfiletype=1)
-    return path
-
-
-def write_scanner_jpeg(path: Path, image: np.ndarray) -> Path:
-    """A scanner-style slide: BigTIFF, JPEG tiles (YCbCr), a SubIFD pyramid."""
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        tw.write(image, tile=(256, 256), compression="jpeg", photometric="rgb", subifds=1, metadata=None)
-        tw.write(np.ascontiguousarray(image[::2, ::2]), tile=(256, 256), compression="jpeg", photometric="rgb",
-                 subfiletype=1, metadata=None)
-    return path
-
-
-def write_ome_channel_first(path: Path, image: np.ndarray, mpp: float) -> Path:
-    """An OME-TIFF H&E stored as three grey planes (C, Y, X), tiled, with a SubIFD pyramid and PhysicalSizeX."""
-    planes = np.ascontiguousarray(np.moveaxis(image, 2, 0))
-    meta = {"axes": "CYX", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp, "PhysicalSizeXUnit": "µm",
-            "PhysicalSizeYUnit": "µm"}
-    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
-        tw.write(planes, tile=(256, 256), compression="zlib", photometric="minisblack", subifds=1, metadata=meta)
-        tw.write(np.ascontiguousarray(planes[:, ::2, ::2]), tile=(256, 256), compression="zlib",
-                 photometric="minisblack", subfiletype=1)
-    return path
-
-
 @pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    return he_like()
+def image(writers) -> np.ndarray:
+    return writers.he_like()
 
 
 def _region(img, x=250, y=100, w=300, h=200) -> np.ndarray:
     return img.read_region(x, y, w, h)
 
 
-def test_hest_lzw_pyramid_reads_exactly(tmp_path, image):
-    slide = open_image(write_hest_wsi(tmp_path / "TENX95.tif", image, mpp=0.2738))
+def test_hest_lzw_pyramid_reads_exactly(tmp_path, image, writers):
+    slide = open_image(writers.write_hest_wsi(tmp_path / "TENX95.tif", image, mpp=0.2738))
     assert isinstance(slide, TiffImage) and slide.compression == "LZW"
     assert slide.shape == (600, 700)
     np.testing.assert_array_equal(_region(slide), image[100:300, 250:550])
 
 
-def test_hest_lzw_bigtiff_reads_exactly(tmp_path, image):
-    path = write_hest_wsi(tmp_path / "big.tif", image, mpp=0.5, bigtiff=True)
+def test_hest_lzw_bigtiff_reads_exactly(tmp_path, image, writers):
+    path = writers.write_hest_wsi(tmp_path / "big.tif", image, mpp=0.5, bigtiff=True)
     with tifffile.TiffFile(path) as tif:
         assert tif.is_bigtiff
     np.testing.assert_array_equal(_region(open_image(path)), image[100:300, 250:550])
 
 
-def test_scanner_jpeg_pyramid_reads_within_jpeg_loss(tmp_path, image):
-    slide = open_image(write_scanner_jpeg(tmp_path / "scan.tif", image))
+def test_scanner_jpeg_pyramid_reads_within_jpeg_loss(tmp_path, image, writers):
+    slide = open_image(writers.write_scanner_jpeg(tmp_path / "scan.tif", image))
     assert slide.compression == "JPEG" and slide.shape == (600, 700)
     region = _region(slide).astype(int)
     assert np.abs(region - image[100:300, 250:550]).mean() < 3
 
 
-def test_channel_first_ome_tiff_reads_as_rgb(tmp_path, image):
-    slide = open_image(write_ome_channel_first(tmp_path / "he_image.ome.tif", image, mpp=0.2125))
+def test_channel_first_ome_tiff_reads_as_rgb(tmp_path, image, writers):
+    slide = open_image(writers.write_ome_channel_first(tmp_path / "he_image.ome.tif", image, mpp=0.2125))
     assert slide.shape == (600, 700)
     np.testing.assert_array_equal(_region(slide), image[100:300, 250:550])
     # a region across the border pads white, as for interleaved files
@@ -137,9 +87,9 @@ def test_images_that_are_not_rgb_he_are_refused(tmp_path, image):
         open_image(deep)
 
 
-def test_missing_codec_is_reported_at_open(tmp_path, image):
+def test_missing_codec_is_reported_at_open(tmp_path, image, writers):
     """Without imagecodecs, tifffile cannot decode LZW: the error comes at open, with the file, codec and fix."""
-    path = write_hest_wsi(tmp_path / "TENX95.tif", image, mpp=0.2738)
+    path = writers.write_hest_wsi(tmp_path / "TENX95.tif", image, mpp=0.2738)
     script = textwrap.dedent(f"""
         import sys
         sys.modules["imagecodecs"] = None  # as in an environment where imagecodecs is not installed
@@ -205,24 +155,24 @@ def test_bad_png_and_jpeg_are_refused(tmp_path, image, monkeypatch):
 
 # --- pixel size stated by the file -------------------------------------------------------------------------------
 
-def test_pixel_size_stated_by_each_format(tmp_path, image):
+def test_pixel_size_stated_by_each_format(tmp_path, image, writers):
     from PIL import Image
 
-    assert image_mpp(write_ome_channel_first(tmp_path / "he.ome.tif", image, mpp=0.2125)) == (
+    assert image_mpp(writers.write_ome_channel_first(tmp_path / "he.ome.tif", image, mpp=0.2125)) == (
         pytest.approx(0.2125), "he.ome.tif's OME PhysicalSizeX")
     tifffile.imwrite(tmp_path / "nm.ome.tif", image, photometric="rgb",
                      metadata={"axes": "YXS", "PhysicalSizeX": 263.0, "PhysicalSizeXUnit": "nm"})
     assert image_mpp(tmp_path / "nm.ome.tif")[0] == pytest.approx(0.263)
-    assert image_mpp(write_hest_wsi(tmp_path / "h.tif", image, mpp=0.2738)) == (
+    assert image_mpp(writers.write_hest_wsi(tmp_path / "h.tif", image, mpp=0.2738)) == (
         pytest.approx(0.02738), "h.tif's TIFF resolution tags")  # HEST's tags: 10x too small (HEST #106)
     Image.fromarray(image).save(tmp_path / "dpi.png", dpi=(300, 300))
     assert image_mpp(tmp_path / "dpi.png") is None  # a display dpi is not a pixel size
 
 
-def test_pixel_size_of_a_bare_image_is_checked(tmp_path, image):
+def test_pixel_size_of_a_bare_image_is_checked(tmp_path, image, writers):
     from PIL import Image
 
-    hest = write_hest_wsi(tmp_path / "TENX95.tif", image, mpp=0.2738)
+    hest = writers.write_hest_wsi(tmp_path / "TENX95.tif", image, mpp=0.2738)
     with pytest.raises(InvalidSampleError, match=r"mpp=0\.02738 um/px \(TENX95\.tif's TIFF resolution tags\) is "
                                                  r"implausible.*give --mpp"):
         resolve_image_mpp(hest, None, "TENX95")
