@@ -139,6 +139,23 @@ def test_h5ad_pixel_size_sources_must_agree(tmp_path):
     assert read_h5ad(tmp_path / "cells.h5ad", image=tmp_path / "he.tif", mpp=0.25).mpp == 0.25
 
 
+def test_h5ad_with_a_png_image(tmp_path):
+    """AnnData + a PNG crop: --mpp is required (PNG states none); the Sample keeps referencing the PNG."""
+    from PIL import Image
+
+    from gcmoe.data.sample import Sample
+
+    _anndata_pair(tmp_path)
+    Image.fromarray(np.full((100, 150, 3), 200, dtype=np.uint8)).save(tmp_path / "he.png")
+    with pytest.raises(InvalidSampleError, match=r"unknown \(not given, not in cells\.h5ad; he\.png is a PNG/JPEG "
+                                                 r"image.*give it with --mpp"):
+        read_h5ad(tmp_path / "cells.h5ad", image=tmp_path / "he.png")
+    s = read_h5ad(tmp_path / "cells.h5ad", image=tmp_path / "he.png", mpp=0.5)
+    assert s.mpp == 0.5 and s.image.shape == (100, 150)
+    back = Sample.read(s.write(tmp_path / "sample.h5ad"))
+    assert back.image.path == (tmp_path / "he.png").resolve() and back.image.shape == (100, 150)
+
+
 @pytest.mark.skipif(not REALDATA.is_dir(), reason=f"no real data under {REALDATA} (set GCMOE_REALDATA)")
 def test_real_data_folders_read():
     """Every folder of the real-data area that a reader recognises reads into a valid Sample."""

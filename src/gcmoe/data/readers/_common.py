@@ -106,10 +106,10 @@ def resolve_image_mpp(path: str | os.PathLike, given: float | None, sample_id: s
     ``--mpp`` that says when the format cannot carry one (PNG, JPEG)."""
     stated = image_mpp(path) if given is None else None
     sources = {} if stated is None else {stated[1]: stated[0]}
-    return choose_mpp(given, sources, sample_id, unknown=_no_mpp_reason(Path(path)))
+    return choose_mpp(given, sources, sample_id, unknown=no_mpp_reason(Path(path)))
 
 
-def _no_mpp_reason(path: Path) -> str:
+def no_mpp_reason(path: Path) -> str:
     """Why an image states no pixel size, for the error that asks for ``--mpp``."""
     if file_signature(path).startswith(PILLOW_SIGNATURES):
         return f"{path.name} is a PNG/JPEG image, and PNG and JPEG files do not record the microscope's pixel size"

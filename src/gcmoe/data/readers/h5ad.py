@@ -19,7 +19,7 @@ import scipy.sparse as sp
 
 from gcmoe._constants import Key, UnsKey
 from gcmoe.data.image import image_mpp, open_image
-from gcmoe.data.readers._common import choose_mpp, inside_image, uns_safe
+from gcmoe.data.readers._common import choose_mpp, inside_image, no_mpp_reason, uns_safe
 from gcmoe.data.sample import Sample
 from gcmoe.errors import InvalidSampleError
 
@@ -102,7 +102,7 @@ def read_h5ad(
         stated = image_mpp(image)
         if stated is not None:
             sources[stated[1]] = stated[0]
-    mpp, source = choose_mpp(mpp, sources, sample_id, f"not given, not in {path.name} nor stated by {Path(image).name}")
+    mpp, source = choose_mpp(mpp, sources, sample_id, f"not given, not in {path.name}; {no_mpp_reason(Path(image))}")
 
     if spatial_key not in adata.obsm:
         raise InvalidSampleError(
