@@ -96,14 +96,25 @@ class TiffImage:
             series = max(self._tif.series, key=lambda s: _plane_size(s.shape, s.axes))
             self._level0 = zarr.open(series.aszarr(level=0), mode="r")
         except Exception as exc:  # tifffile raises several types for broken files
+            self.close()
             raise ImageReadError(
-                f"cannot read {self._path} as a TIFF image ({type(exc).__name__}: {exc}); "
-                "check that the file is complete and is a TIFF/BigTIFF"
+                f"cannot read {self._path} as a TIFF image ({type(exc).__name__}: {exc}); check that the file is "
+                "complete and is a TIFF/BigTIFF, PNG or JPEG (.svs/.ndpi/.mrxs through the openslide extra)"
             ) from exc
         self._axes = series.axes
-        self._channel_axis = _rgb_channel_axis(self._path, series.axes, tuple(series.shape), series.dtype)
         self._compression = _compression_name(series)
-        self._check_decodes()
+        try:
+            self._channel_axis = _rgb_channel_axis(self._path, series.axes, tuple(series.shape), series.dtype)
+            self._check_decodes()
+        except ImageReadError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the file (a refused or finished image); reading afterwards fails."""
+        tif = getattr(self, "_tif", None)
+        if tif is not None:
+            tif.close()
 
     @property
     def shape(self) -> tuple[int, int]:
