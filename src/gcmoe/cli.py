@@ -225,11 +225,11 @@ def prior(
 @app.command("predict")
 def predict_cmd(
     model: Annotated[Path, typer.Option(help="A model folder written by `gcmoe train`.")],
-    slide: Annotated[Path, typer.Option(help="The H&E image (TIFF/BigTIFF, pyramidal or not).")],
+    slide: Annotated[Path, typer.Option(help="The H&E image: TIFF/BigTIFF/OME-TIFF (pyramidal or not), PNG or JPEG.")],
     out: Annotated[Path, typer.Option(help="Output .h5ad.")],
     cells: Annotated[Optional[Path], typer.Option(help="Cell centres: CSV/parquet (x, y px), GeoJSON, HoVer-Net JSON or a label mask.")] = None,
     detect: Annotated[bool, typer.Option("--detect", help="Find nuclei in the image instead of reading a cell file.")] = False,
-    mpp: Annotated[Optional[float], typer.Option(help="Micrometres per pixel (default: from the TIFF tags).")] = None,
+    mpp: Annotated[Optional[float], typer.Option(help="Micrometres per pixel (default: from the TIFF/OME tags; required for PNG/JPEG).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder.")] = None,
     device: Annotated[str, typer.Option()] = "cpu",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,

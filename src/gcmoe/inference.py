@@ -47,7 +47,8 @@ def predict_slide(
     """Predict every cell of ``slide`` with the model in ``model_dir`` and write ``out`` (.h5ad).
 
     Cells come from ``cells`` (see :func:`gcmoe.data.cells.read_cell_centres`) or, with ``detect``, from
-    :func:`gcmoe.data.detection.detect_nuclei`. ``mpp`` defaults to the TIFF's resolution tags. Returns the
+    :func:`gcmoe.data.detection.detect_nuclei`. ``mpp`` defaults to the pixel size the image states (OME, TIFF
+    tags; checked for plausibility); PNG and JPEG state none, so they need ``mpp``. Returns the
     AnnData written.
     """
     import anndata
@@ -56,7 +57,8 @@ def predict_slide(
 
     from gcmoe.data.cells import read_cell_centres
     from gcmoe.data.detection import detect_nuclei
-    from gcmoe.data.image import open_image, tiff_mpp
+    from gcmoe.data.image import open_image
+    from gcmoe.data.readers import resolve_image_mpp
     from gcmoe.data.sample import Sample
     from gcmoe.features import extract_features
     from gcmoe.features.context import context_grid, tile_windows
@@ -73,10 +75,7 @@ def predict_slide(
         raise InvalidSampleError("give exactly one source of cells: a cell file (--cells) or --detect")
     model, meta = load_model(model_dir, device=device)
     image = open_image(slide)
-    if mpp is None:
-        mpp = tiff_mpp(slide)
-        if mpp is None:
-            raise InvalidSampleError(f"{slide} carries no pixel size in its resolution tags: give --mpp (um per pixel)")
+    mpp, _ = resolve_image_mpp(slide, mpp, Path(slide).stem)
     needs = get_model_entry(meta["model"]).needs
     # a raw-pixel model (GHIST*) reads the slide at its own working pixel size and uses no encoder features
     target_mpp = float(model.mpp) if "pixels" in needs else float(meta["encoder"]["target_mpp"])

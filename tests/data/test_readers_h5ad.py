@@ -19,7 +19,7 @@ from gcmoe.data.readers import detect_format, read_h5ad, read_polygons, read_sam
 from gcmoe.data.readers.polygons import PolygonIndex, Polygons, wkb_exterior
 from gcmoe.errors import ImageReadError, InvalidSampleError
 
-REALDATA = Path(os.environ.get("GCMOE_REALDATA", "/work/shared/realdata"))
+REALDATA = Path(os.environ.get("GCMOE_REALDATA", Path(__file__).resolve().parents[2].parent / "shared" / "realdata"))
 
 
 def _anndata_pair(tmp_path: Path, n: int = 30, types=("T cell", "B cell", "Fibroblast", "Tumour", "Endo")):
@@ -128,7 +128,35 @@ def test_point_in_polygon_index_matches_brute_force():
     assert (got == want).mean() > 0.999 and (want >= 0).sum() > 100
 
 
-@pytest.mark.skipif(not REALDATA.is_dir(), reason="no real data under /work/shared/realdata (set GCMOE_REALDATA)")
+def test_h5ad_pixel_size_sources_must_agree(tmp_path):
+    """uns["gcmoe"]["mpp"] and the image's tags 37% apart stop with both values, unless mpp is given."""
+    ad = _anndata_pair(tmp_path)  # he.tif's tags say 0.4 um/px
+    ad.uns["gcmoe"] = {"mpp": 0.25}
+    ad.write_h5ad(tmp_path / "cells.h5ad")
+    with pytest.raises(InvalidSampleError, match=r"cells\.h5ad's uns\['gcmoe'\]\['mpp'\] says 0\.25 um/px, he\.tif's "
+                                                 r"TIFF resolution tags says 0\.4 um/px.*give it with --mpp"):
+        read_h5ad(tmp_path / "cells.h5ad", image=tmp_path / "he.tif")
+    assert read_h5ad(tmp_path / "cells.h5ad", image=tmp_path / "he.tif", mpp=0.25).mpp == 0.25
+
+
+def test_h5ad_with_a_png_image(tmp_path):
+    """AnnData + a PNG crop: --mpp is required (PNG states none); the Sample keeps referencing the PNG."""
+    from PIL import Image
+
+    from gcmoe.data.sample import Sample
+
+    _anndata_pair(tmp_path)
+    Image.fromarray(np.full((100, 150, 3), 200, dtype=np.uint8)).save(tmp_path / "he.png")
+    with pytest.raises(InvalidSampleError, match=r"unknown \(not given, not in cells\.h5ad; he\.png is a PNG/JPEG "
+                                                 r"image.*give it with --mpp"):
+        read_h5ad(tmp_path / "cells.h5ad", image=tmp_path / "he.png")
+    s = read_h5ad(tmp_path / "cells.h5ad", image=tmp_path / "he.png", mpp=0.5)
+    assert s.mpp == 0.5 and s.image.shape == (100, 150)
+    back = Sample.read(s.write(tmp_path / "sample.h5ad"))
+    assert back.image.path == (tmp_path / "he.png").resolve() and back.image.shape == (100, 150)
+
+
+@pytest.mark.skipif(not REALDATA.is_dir(), reason=f"no real data under {REALDATA} (set GCMOE_REALDATA)")
 def test_real_data_folders_read():
     """Every folder of the real-data area that a reader recognises reads into a valid Sample."""
     read_any = 0

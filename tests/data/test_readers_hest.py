@@ -122,7 +122,7 @@ def test_hest_reads_cells_from_transcripts_and_polygons(tmp_path, tissue, caplog
     np.testing.assert_allclose(s.spatial[got.index.get_indexer(truth.index)], xy, atol=1e-6)
     assert s.mpp == tissue.sample.mpp and s.sample_id == SID
     prov = s.adata.uns[Key.UNS][UnsKey.PROVENANCE]
-    assert prov["format"] == "hest" and prov["mpp_source"] == "pixel_size_um_estimated"
+    assert prov["format"] == "hest" and prov["mpp_source"] == f"{SID}.json's pixel_size_um_estimated"
     assert prov["transcripts"]["low_quality"] == 100 and prov["transcripts"]["control"] == 100
     assert prov["transcripts"]["unassigned"] == 100 and prov["transcripts"]["counted"] == info["n_tx"]
     assert "area_um2" in s.adata.obs and np.allclose(s.adata.obs["area_um2"], 2 * np.sqrt(2) * RADIUS**2 * s.mpp**2)
@@ -155,6 +155,64 @@ def test_hest_prefers_estimated_pixel_size_and_records_embedded(tmp_path, tissue
     assert s.mpp == tissue.sample.mpp
     assert s.adata.uns[Key.UNS][UnsKey.MPP_EMBEDDED] == 2.5
     assert "differ" in caplog.text
+
+
+def write_hest_st(root: Path, sample, pool_mpp: float, sample_id: str = SID) -> Path:
+    """HEST's ``st/{id}.h5ad`` for Xenium: transcripts pooled into 100 um square pseudo-spots on a grid starting at
+    the smallest coordinates, centres in ``obsm["spatial"]`` (H&E pixels, spacing 100 / ``pool_mpp``), empty
+    spots dropped; written with anndata as HEST does."""
+    import anndata
+
+    step = 100.0 / pool_mpp
+    lo = sample.spatial.min(axis=0)
+    cells = np.unique(np.floor((sample.spatial - lo) / step).astype(int), axis=0)
+    st = anndata.AnnData(X=np.ones((len(cells), 1), dtype=np.float32))
+    st.obsm["spatial"] = lo + (cells + 0.5) * step
+    path = root / "st" / f"{sample_id}.h5ad"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    st.write_h5ad(path)
+    return path
+
+
+def test_hest_pixel_size_is_cross_checked_with_the_pseudo_spots(tmp_path, tissue):
+    """pixel_size_um_estimated agrees with the 100 um pseudo-spot spacing of st/{id}.h5ad: read, both recorded."""
+    write_hest_folder(tmp_path, tissue.sample)
+    write_hest_st(tmp_path, tissue.sample, pool_mpp=tissue.sample.mpp)
+    s = read_hest(tmp_path, SID, progress=False)
+    assert s.mpp == tissue.sample.mpp
+    assert s.adata.uns[Key.UNS]["provenance"]["mpp_spot_spacing"] == pytest.approx(tissue.sample.mpp)
+
+
+def test_hest_metadata_that_disagrees_with_its_spots_stops(tmp_path, tissue):
+    """As in HEST issue #122: metadata 20% off its own pseudo-spot grid stops with both values, unless --mpp."""
+    write_hest_folder(tmp_path, tissue.sample, meta={"pixel_size_um_estimated": tissue.sample.mpp * 1.2})
+    write_hest_st(tmp_path, tissue.sample, pool_mpp=tissue.sample.mpp)
+    with pytest.raises(InvalidSampleError, match=rf"sample {SID}: the pixel size sources disagree: {SID}\.json's "
+                                                 r"pixel_size_um_estimated says 0\.6 um/px, the 100 um spot spacing of "
+                                                 rf"st/{SID}\.h5ad says 0\.5 um/px.*give it with --mpp"):
+        read_hest(tmp_path, SID, progress=False)
+    assert read_hest(tmp_path, SID, mpp=0.5, progress=False).mpp == 0.5
+
+
+def test_hest_tiff_tags_are_never_trusted(tmp_path, tissue, writers, caplog):
+    """A wsi written as HEST writes it (LZW pyramid, resolution tags 10x off) with the metadata HEST derives from it:
+    the embedded value is recorded, never used; without an estimate nor st/, --mpp is asked for."""
+    image = tissue.sample.image.read_region(0, 0, 600, 600)
+    write_hest_folder(tmp_path, tissue.sample, meta={"pixel_size_um_embedded": tissue.sample.mpp / 10})
+    writers.write_hest_wsi(tmp_path / "wsis" / f"{SID}.tif", image, mpp=tissue.sample.mpp)
+    with caplog.at_level(logging.WARNING):
+        s = read_hest(tmp_path, SID, progress=False)
+    assert s.mpp == tissue.sample.mpp and s.image.compression == "LZW"
+    assert s.adata.uns[Key.UNS][UnsKey.MPP_EMBEDDED] == pytest.approx(tissue.sample.mpp / 10)
+    assert "only recorded" in caplog.text
+    meta = json.loads((tmp_path / "metadata" / f"{SID}.json").read_text())
+    del meta["pixel_size_um_estimated"]
+    (tmp_path / "metadata" / f"{SID}.json").write_text(json.dumps(meta))
+    with pytest.raises(InvalidSampleError, match=r"no pixel_size_um_estimated and there is no st/TENX00\.h5ad.*"
+                                                 r"HEST issue #106.*give it with --mpp"):
+        read_hest(tmp_path, SID, progress=False)
+    write_hest_st(tmp_path, tissue.sample, pool_mpp=tissue.sample.mpp)  # the spots alone then give it
+    assert read_hest(tmp_path, SID, progress=False).mpp == pytest.approx(tissue.sample.mpp)
 
 
 def test_aggregation_is_the_same_in_small_batches(tmp_path, tissue):

@@ -1,14 +1,16 @@
 """Lazy access to H&E images: read a region of the full-resolution level without loading the slide.
 
 Implementations share one small protocol: :class:`ArrayImage` (an RGB array in memory, e.g. a freshly
-generated virtual tissue), :class:`TiffImage` (a tiled, possibly pyramidal, TIFF or BigTIFF read through
-tifffile's zarr store, so only the tiles a region touches are decoded) and :class:`OpenSlideImage` (vendor
-formats through OpenSlide, with the optional ``openslide`` extra).
+generated virtual tissue), :class:`TiffImage` (a tiled, possibly pyramidal, TIFF, BigTIFF or OME-TIFF read
+through tifffile's zarr store, so only the tiles a region touches are decoded), :class:`PillowImage` (a PNG or
+JPEG crop, decoded whole by Pillow) and :class:`OpenSlideImage` (vendor formats through OpenSlide, with the
+optional ``openslide`` extra). :func:`open_image` picks one by the file's signature (its first bytes).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -75,7 +77,12 @@ class ArrayImage:
 
 
 class TiffImage:
-    """A (pyramidal) TIFF read lazily: level 0 through tifffile's zarr store."""
+    """A TIFF, BigTIFF or OME-TIFF read lazily: the full-resolution level through tifffile's zarr store.
+
+    Pixels may be interleaved (height, width, 3|4) or channel-first (3, height, width), as OME-TIFFs and
+    planar TIFFs store them; any compression imagecodecs decodes (LZW, JPEG, JPEG 2000, deflate, ...). One
+    pixel is decoded at open, so a missing codec is reported here rather than in the middle of a run.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         import tifffile
@@ -85,36 +92,73 @@ class TiffImage:
         if not self._path.is_file():
             raise ImageReadError(f"image file not found: {self._path}")
         try:
-            store = tifffile.imread(self._path, aszarr=True)
-            node = zarr.open(store, mode="r")
-            level0 = node["0"] if isinstance(node, zarr.Group) else node
+            self._tif = tifffile.TiffFile(self._path)
+            series = max(self._tif.series, key=lambda s: _plane_size(s.shape, s.axes))
+            self._level0 = zarr.open(series.aszarr(level=0), mode="r")
         except Exception as exc:  # tifffile raises several types for broken files
+            self.close()
             raise ImageReadError(
-                f"cannot read {self._path} as a TIFF image ({type(exc).__name__}: {exc}); "
-                "check that the file is complete and is a TIFF/BigTIFF"
+                f"cannot read {self._path} as a TIFF image ({type(exc).__name__}: {exc}); check that the file is "
+                "complete and is a TIFF/BigTIFF, PNG or JPEG (.svs/.ndpi/.mrxs through the openslide extra)"
             ) from exc
-        shape = tuple(level0.shape)
-        if len(shape) == 3 and shape[0] in (3, 4) and shape[2] not in (3, 4):
-            raise ImageReadError(f"{self._path}: planar (channel-first) images are not supported; save it as RGB")
-        if len(shape) != 3 or shape[2] not in (3, 4) or level0.dtype != np.uint8:
-            raise ImageReadError(
-                f"{self._path}: expected an 8-bit RGB image (height, width, 3); got {level0.dtype} {shape}"
-            )
-        self._level0 = level0
-        self._store = store
+        self._axes = series.axes
+        self._compression = _compression_name(series)
+        try:
+            self._channel_axis = _rgb_channel_axis(self._path, series.axes, tuple(series.shape), series.dtype)
+            self._check_decodes()
+        except ImageReadError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the file (a refused or finished image); reading afterwards fails."""
+        tif = getattr(self, "_tif", None)
+        if tif is not None:
+            tif.close()
 
     @property
     def shape(self) -> tuple[int, int]:
-        return int(self._level0.shape[0]), int(self._level0.shape[1])
+        return (int(self._level0.shape[self._axes.index("Y")]), int(self._level0.shape[self._axes.index("X")]))
 
     @property
     def path(self) -> Path | None:
         return self._path
 
+    @property
+    def compression(self) -> str:
+        """The TIFF compression of the full-resolution level (e.g. "LZW", "JPEG", "NONE")."""
+        return self._compression
+
+    def _pixels(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels [y0, y1) x [x0, x1) as (height, width, 3), whatever the file's axis order."""
+        y, x = self._axes.index("Y"), self._axes.index("X")
+        index: list[int | slice] = [0] * len(self._axes)  # other axes are single planes
+        index[y], index[x], index[self._channel_axis] = slice(y0, y1), slice(x0, x1), slice(0, 3)
+        block = np.asarray(self._level0[tuple(index)])
+        kept = sorted((y, x, self._channel_axis))
+        order = [kept.index(y), kept.index(x), kept.index(self._channel_axis)]
+        return block if order == [0, 1, 2] else np.transpose(block, order)
+
+    def _check_decodes(self) -> None:
+        """Decode one pixel; a missing or failing codec becomes an error naming the file, codec and fix."""
+        try:
+            self._pixels(0, 1, 0, 1)
+        except Exception as exc:
+            if "imagecodecs" in str(exc):
+                fix = ("install imagecodecs (pip install imagecodecs; it is a gcmoe dependency, so reinstalling "
+                       "gcmoe also brings it)")
+            else:
+                fix = ("the file may be damaged; if it opens elsewhere, re-save it with a common compression, e.g. "
+                       "vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg")
+            raise ImageReadError(
+                f"{self._path}: cannot decode its {self._compression}-compressed pixels ({type(exc).__name__}: "
+                f"{exc}); {fix}"
+            ) from exc
+
     def read_region(self, x: int, y: int, width: int, height: int) -> np.ndarray:
         def get(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
             try:
-                return np.asarray(self._level0[y0:y1, x0:x1, :3])
+                return self._pixels(y0, y1, x0, x1)
             except Exception as exc:
                 raise ImageReadError(
                     f"{self._path}: failed to decode region x={x0}..{x1}, y={y0}..{y1} ({exc}); "
@@ -122,6 +166,101 @@ class TiffImage:
                 ) from exc
 
         return _padded_read(get, self.shape, x, y, width, height)
+
+
+def _plane_size(shape: tuple[int, ...], axes: str) -> int:
+    """Height x width of a tifffile series (0 without Y and X axes): the largest one is the slide."""
+    return shape[axes.index("Y")] * shape[axes.index("X")] if "Y" in axes and "X" in axes else 0
+
+
+def _rgb_channel_axis(path: Path, axes: str, shape: tuple[int, ...], dtype: np.dtype) -> int:
+    """The position of the colour axis of an 8-bit RGB(A) series, interleaved ("YXS") or channel-first
+    ("SYX", OME's "CYX"); anything else is refused with what was found."""
+    found = f"axes {axes!r}, shape {shape}, {np.dtype(dtype)}"
+    extra = [a for a, n in zip(axes, shape) if a not in "YXSC" and n > 1]
+    colour = [i for i, a in enumerate(axes) if a in "SC"]
+    if "Y" not in axes or "X" not in axes or extra or len(colour) != 1 or shape[colour[0]] not in (3, 4):
+        raise ImageReadError(
+            f"{path}: expected one RGB H&E image, interleaved (height, width, 3) or channel-first (3, height, width); "
+            f"found {found}: a fluorescence or multi-plane image is not an H&E; export the H&E alone as RGB"
+        )
+    if np.dtype(dtype) != np.uint8:
+        raise ImageReadError(f"{path}: expected 8-bit RGB pixels; found {found}; convert it to 8 bits per channel")
+    return colour[0]
+
+
+def _compression_name(series) -> str:
+    """The compression of a tifffile series' first page, as its TIFF name."""
+    try:
+        return str(series.keyframe.compression.name)
+    except (AttributeError, ValueError):
+        return "unknown"
+
+
+class PillowImage:
+    """A PNG or JPEG image (how most public H&E crops come), decoded whole by Pillow at open.
+
+    These formats are not tiled, so the pixels are held in memory (3 bytes per pixel); an image larger than
+    Pillow's decompression-bomb limit is refused with the advice to convert it to a pyramidal TIFF. An alpha
+    channel is composited over white (transparent = glass). They carry no microscope pixel size: the caller
+    gives ``mpp``.
+    """
+
+    MODES = ("RGB", "RGBA", "P")
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from PIL import Image
+
+        self._path = Path(path)
+        if not self._path.is_file():
+            raise ImageReadError(f"image file not found: {self._path}")
+        try:
+            with Image.open(self._path) as img:
+                img.load()
+                self.format = str(img.format)
+                rgb = _pillow_rgb(self._path, img)
+                orientation = img.getexif().get(0x0112, 1)
+        except Image.DecompressionBombError as exc:
+            raise ImageReadError(
+                f"{self._path}: {exc}; an image this large should be a tiled pyramidal TIFF: "
+                "vips tiffsave in.jpg out.tif --tile --pyramid --compression jpeg"
+            ) from exc
+        except (OSError, SyntaxError, ValueError) as exc:  # Pillow's errors for broken or truncated files
+            raise ImageReadError(
+                f"cannot read {self._path} as a PNG/JPEG image ({type(exc).__name__}: {exc}); "
+                "check that the file is complete"
+            ) from exc
+        if orientation != 1:
+            warnings.warn(
+                f"{self._path}: EXIF orientation {orientation} is not applied; pixels and cell coordinates are "
+                "taken as stored", stacklevel=2,
+            )
+        self._array = ArrayImage(rgb)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._array.shape
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    def read_region(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        return self._array.read_region(x, y, width, height)
+
+
+def _pillow_rgb(path: Path, img) -> np.ndarray:
+    """An opened Pillow image as uint8 (height, width, 3); alpha composited over white; others refused."""
+    if img.mode not in PillowImage.MODES:
+        raise ImageReadError(
+            f"{path}: expected an 8-bit RGB H&E image; found Pillow mode {img.mode!r} ({img.format}); "
+            "export the H&E as RGB"
+        )
+    if img.mode == "RGB":
+        return np.asarray(img, dtype=np.uint8)
+    rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
+    alpha = rgba[..., 3:] / 255.0
+    return np.round(rgba[..., :3] * alpha + BACKGROUND * (1 - alpha)).astype(np.uint8)
 
 
 def tiff_mpp(path: str | os.PathLike) -> float | None:
@@ -139,6 +278,51 @@ def tiff_mpp(path: str | os.PathLike) -> float | None:
         pixels_per_unit = num / den
         um_per_unit = {2: 25_400.0, 3: 10_000.0}.get(int(unit.value))  # inch, centimetre
         return None if um_per_unit is None else um_per_unit / pixels_per_unit
+
+
+OME_LENGTH_UNITS_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def ome_mpp(path: str | os.PathLike) -> float | None:
+    """``PhysicalSizeX`` of an OME-TIFF's first image in micrometres, or None (not OME, absent, unknown unit)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        xml = tif.ome_metadata
+    if not xml:
+        return None
+    images = tifffile.xml2dict(xml).get("OME", {}).get("Image", {})
+    pixels = (images[0] if isinstance(images, list) and images else images).get("Pixels", {})
+    size = pixels.get("PhysicalSizeX")
+    scale = OME_LENGTH_UNITS_UM.get(str(pixels.get("PhysicalSizeXUnit", "µm")))
+    try:
+        return None if size is None or scale is None else float(size) * scale
+    except (TypeError, ValueError):
+        return None
+
+
+def image_mpp(path: str | os.PathLike) -> tuple[float, str] | None:
+    """The pixel size an image file states, with where it was read, or None.
+
+    OME ``PhysicalSizeX``, else the TIFF resolution tags, else OpenSlide's ``openslide.mpp-x``. PNG and JPEG
+    give None: their dpi fields (pHYs, JFIF density) hold a display resolution set by the exporting program,
+    not the microscope's pixel size. The value is not checked here: callers pass it through the readers'
+    plausibility check (``gcmoe.data.readers.resolve_image_mpp``).
+    """
+    path = Path(path)
+    if path.suffix.lower() in OPENSLIDE_SUFFIXES:
+        mpp = openslide_mpp(path)
+        return None if mpp is None else (mpp, f"{path.name}'s openslide.mpp-x")
+    if file_signature(path)[:4] not in TIFF_SIGNATURES:
+        return None
+    try:
+        mpp = ome_mpp(path)
+        if mpp is not None:
+            return mpp, f"{path.name}'s OME PhysicalSizeX"
+        mpp = tiff_mpp(path)
+    except Exception:  # unreadable tags: the image itself is checked when it is opened
+        return None
+    return None if mpp is None else (mpp, f"{path.name}'s TIFF resolution tags")
 
 
 def write_tiff(path: str | os.PathLike, array: np.ndarray, mpp: float, tile: int = 256) -> Path:
@@ -228,8 +412,25 @@ def openslide_mpp(path: str | os.PathLike) -> float | None:
         return None
 
 
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # TIFF, BigTIFF; either byte order
+PILLOW_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG
+
+
+def file_signature(path: Path) -> bytes:
+    """The first 8 bytes of a file (empty when it cannot be read; the reader then says why)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8)
+    except OSError:
+        return b""
+
+
 def open_image(path: str | os.PathLike) -> SlideImage:
-    """Open an image file lazily: TIFF/BigTIFF (tifffile), or .svs/.ndpi/.mrxs/... through OpenSlide."""
-    if Path(path).suffix.lower() in OPENSLIDE_SUFFIXES:
+    """Open an image file: .svs/.ndpi/.mrxs/... through OpenSlide, PNG and JPEG (by their signature) through
+    Pillow, anything else as TIFF/BigTIFF/OME-TIFF through tifffile."""
+    path = Path(path)
+    if path.suffix.lower() in OPENSLIDE_SUFFIXES:
         return OpenSlideImage(path)
+    if file_signature(path).startswith(PILLOW_SIGNATURES):
+        return PillowImage(path)
     return TiffImage(path)

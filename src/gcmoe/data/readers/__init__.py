@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gcmoe._constants import Key, UnsKey
+from gcmoe.data.readers._common import resolve_image_mpp
 from gcmoe.data.readers.h5ad import read_h5ad
 from gcmoe.data.readers.hest import is_hest_root, list_hest_samples, read_hest
 from gcmoe.data.readers.polygons import Polygons, read_polygons
@@ -46,6 +47,7 @@ __all__ = [
     "read_sample",
     "read_samples",
     "read_xenium",
+    "resolve_image_mpp",
 ]
 
 FORMATS = ("auto", "sample", "hest", "xenium", "h5ad")

@@ -3,7 +3,8 @@
 Reads an ``.h5ad`` whose ``obsm["spatial"]`` (or another key) holds (x, y) cell centres in full-resolution
 pixels of the given image; raw counts from ``layers["counts"]`` or ``X`` (non-negative and integer-valued);
 cell types from any ``obs`` column, with any names and any number of types. The pixel size comes from the
-argument, else ``uns["gcmoe"]["mpp"]``, else the image's TIFF resolution tags / OpenSlide properties.
+argument, else ``uns["gcmoe"]["mpp"]``, else what the image states (OME ``PhysicalSizeX``, TIFF resolution tags,
+OpenSlide's mpp-x); when both of the latter are known they must agree within 5%.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from gcmoe._constants import Key, UnsKey
-from gcmoe.data.image import open_image
-from gcmoe.data.readers._common import check_mpp, inside_image, uns_safe
+from gcmoe.data.image import image_mpp, open_image
+from gcmoe.data.readers._common import choose_mpp, inside_image, no_mpp_reason, uns_safe
 from gcmoe.data.sample import Sample
 from gcmoe.errors import InvalidSampleError
 
@@ -46,20 +47,6 @@ def raw_counts(adata, where: str) -> np.ndarray | sp.spmatrix:
     return counts
 
 
-def image_mpp(path: str | os.PathLike) -> float | None:
-    """The pixel size stored in an image file (TIFF resolution tags, OpenSlide's mpp-x), or None."""
-    from gcmoe.data import image as image_mod
-
-    path = Path(path)
-    if path.suffix.lower() in (".tif", ".tiff"):
-        try:
-            return image_mod.tiff_mpp(path)
-        except Exception:  # unreadable tags: the image itself is checked when it is opened
-            return None
-    reader = getattr(image_mod, "openslide_mpp", None)
-    return reader(path) if reader is not None else None
-
-
 def read_h5ad(
     path: str | os.PathLike,
     image: str | os.PathLike | None = None,
@@ -75,10 +62,11 @@ def read_h5ad(
     path
         The .h5ad (cells x genes).
     image
-        The H&E image (TIFF/BigTIFF; .svs/.ndpi/.mrxs with the ``openslide`` extra); default:
+        The H&E image (TIFF/BigTIFF/OME-TIFF, PNG, JPEG; .svs/.ndpi/.mrxs with the ``openslide`` extra); default:
         ``uns["gcmoe"]["image_path"]`` when the file has one.
     mpp
-        Micrometres per pixel of the image; default from ``uns["gcmoe"]["mpp"]`` or the image's tags.
+        Micrometres per pixel of the image; default from ``uns["gcmoe"]["mpp"]`` or the image's tags (which must
+        agree within 5% when both are known).
     cell_type_key
         An ``obs`` column with cell types, copied to ``obs["cell_type"]`` (routing types follow its names).
     spatial_key
@@ -107,12 +95,14 @@ def read_h5ad(
     if image is None:
         raise InvalidSampleError(f"{path}: which H&E image do the cells lie on? give it with --image (data.image)")
     slide = open_image(image)
-    source = "argument"
-    if mpp is None and UnsKey.MPP in meta:
-        mpp, source = float(meta[UnsKey.MPP]), f"uns['{Key.UNS}']['{UnsKey.MPP}']"
+    sources: dict[str, float | None] = {}
     if mpp is None:
-        mpp, source = image_mpp(image), f"{Path(image).name}'s resolution tags"
-    mpp = check_mpp(mpp, sample_id, source if mpp is not None else f"not given, not in {path.name} nor in the image's tags")
+        if UnsKey.MPP in meta:
+            sources[f"{path.name}'s uns['{Key.UNS}']['{UnsKey.MPP}']"] = float(meta[UnsKey.MPP])
+        stated = image_mpp(image)
+        if stated is not None:
+            sources[stated[1]] = stated[0]
+    mpp, source = choose_mpp(mpp, sources, sample_id, f"not given, not in {path.name}; {no_mpp_reason(Path(image))}")
 
     if spatial_key not in adata.obsm:
         raise InvalidSampleError(

@@ -6,8 +6,10 @@ transcripts (already registered to the H&E by HEST: ``he_x``/``he_y`` in full-re
 
 - ``wsis/{id}.tif``: the pyramidal H&E (generic TIFF/BigTIFF);
 - ``metadata/{id}.json``: ``pixel_size_um_estimated`` (what HEST itself uses, preferred here) and
-  ``pixel_size_um_embedded`` (from the TIFF; recorded, with a warning when it differs by more than 5%);
+  ``pixel_size_um_embedded`` (from the TIFF tags, which HEST writes 10x off: recorded, never used);
   ``st_technology`` must be Xenium;
+- ``st/{id}.h5ad`` (optional): HEST's 100 um pseudo-spots; only ``obsm["spatial"]`` is read, to measure the
+  pixel size from the spot spacing and cross-check ``pixel_size_um_estimated`` with it;
 - ``transcripts/{id}_transcripts.parquet``: one row per transcript, ``feature_name``, ``qv``, ``cell_id``,
   ``he_x``/``he_y``;
 - ``xenium_seg/{id}_xenium_cell_seg.parquet`` (or ``_nucleus_seg``): GeoParquet, one polygon per cell in
@@ -28,13 +30,15 @@ import pandas as pd
 
 from gcmoe._constants import Key, UnsKey
 from gcmoe.data.image import open_image
-from gcmoe.data.readers._common import check_mpp, differs, inside_image, uns_safe
+from gcmoe.data.readers._common import choose_mpp, differs, inside_image, uns_safe
 from gcmoe.data.readers.polygons import read_polygons
 from gcmoe.data.readers.transcripts import MIN_QV, aggregate_transcripts
 from gcmoe.data.sample import Sample
 from gcmoe.errors import InvalidSampleError
 
 log = logging.getLogger(__name__)
+
+MIN_SPOTS = 4  # spots needed to measure their spacing (a 300 um wide crop holds a 3 x 3 grid)
 
 
 class HestKeys:
@@ -44,6 +48,10 @@ class HestKeys:
     META_DIR = "metadata"
     TRANSCRIPTS_DIR = "transcripts"
     SEG_DIR = "xenium_seg"
+    ST_DIR = "st"
+    ST = "{id}.h5ad"
+    SPOT_SPACING = "inter_spot_dist"  # metadata: centre-to-centre distance of the (pseudo-)spots, um
+    XENIUM_SPOT_UM = 100.0  # HEST pools Xenium transcripts into square 100 um pseudo-spots
     WSI = "{id}.tif"
     META = "{id}.json"
     TRANSCRIPTS = "{id}_transcripts.parquet"
@@ -97,7 +105,8 @@ def read_hest(
     sample_id
         The HEST id (e.g. ``TENX95``); may be omitted when the root holds a single sample.
     mpp
-        Overrides the metadata's pixel size.
+        Overrides the pixel size. Without it, ``pixel_size_um_estimated`` is used after a cross-check with the
+        spot spacing of ``st/{id}.h5ad`` (when present): more than 5% apart stops with both values.
     segmentation
         Which 10x segmentation gives the cells and their centres: whole cells or nuclei; "none" uses the
         transcripts' cell_id groups and their mean positions.
@@ -136,13 +145,24 @@ def read_hest(
         )
     estimated = _float_or_none(meta.get(HestKeys.MPP_ESTIMATED))
     embedded = _float_or_none(meta.get(HestKeys.MPP_EMBEDDED))
-    if differs(estimated, embedded):
+    st_path = root / HestKeys.ST_DIR / HestKeys.ST.format(id=sample_id)
+    spacing_um = _float_or_none(meta.get(HestKeys.SPOT_SPACING)) or HestKeys.XENIUM_SPOT_UM
+    from_spots = spot_spacing_mpp(st_path, spacing_um) if mpp is None else None
+    mpp, mpp_source = choose_mpp(
+        mpp,
+        {f"{meta_path.name}'s {HestKeys.MPP_ESTIMATED}": estimated,
+         f"the {spacing_um:g} um spot spacing of {HestKeys.ST_DIR}/{st_path.name}": from_spots},
+        sample_id,
+        unknown=(f"{meta_path.name} has no {HestKeys.MPP_ESTIMATED} and there is no {HestKeys.ST_DIR}/{st_path.name} "
+                 f"to measure it from; {HestKeys.MPP_EMBEDDED} (the TIFF tags, which HEST writes 10x off: HEST issue "
+                 "#106) is never used"),
+    )
+    if differs(embedded, mpp):
         log.warning(
-            "HEST %s: pixel_size_um_estimated=%.4f and pixel_size_um_embedded=%.4f differ; using the estimated one "
-            "(HEST's own choice); give --mpp to override", sample_id, estimated, embedded,
+            "HEST %s: %s=%.4g differs from the pixel size used, %.4g um/px (%s); the embedded value comes from the "
+            "TIFF tags (HEST writes them 10x off, HEST issue #106) and is only recorded",
+            sample_id, HestKeys.MPP_EMBEDDED, embedded, mpp, mpp_source,
         )
-    mpp_source = "argument" if mpp is not None else (HestKeys.MPP_ESTIMATED if estimated else HestKeys.MPP_EMBEDDED)
-    mpp = check_mpp(mpp if mpp is not None else (estimated or embedded), sample_id, f"{meta_path.name}: {mpp_source}")
 
     image = open_image(root / HestKeys.WSI_DIR / HestKeys.WSI.format(id=sample_id))
     tx_path = _find(root / HestKeys.TRANSCRIPTS_DIR, HestKeys.TRANSCRIPTS.format(id=sample_id))
@@ -196,6 +216,7 @@ def read_hest(
         "mpp_source": mpp_source,
         "mpp_estimated": estimated,
         "mpp_embedded": embedded,
+        "mpp_spot_spacing": from_spots,
         "centres": centre_source,
         "assignment": assign,
         "min_qv": min_qv,
@@ -210,6 +231,34 @@ def read_hest(
     if embedded is not None and differs(embedded, mpp):
         sample.adata.uns[Key.UNS][UnsKey.MPP_EMBEDDED] = float(embedded)
     return sample
+
+
+def spot_spacing_mpp(st_path: Path, spacing_um: float) -> float | None:
+    """Micrometres per pixel measured from HEST's ``st/{id}.h5ad``: ``spacing_um`` over the median distance, in
+    pixels, from each spot centre (``obsm["spatial"]``, full-resolution pixels) to its nearest neighbour.
+
+    None when the file is absent; a file that is there but cannot be read, or holds fewer than 4 spots,
+    gives None with a warning (the cross-check is then skipped, not the read).
+    """
+    if not st_path.is_file():
+        return None
+    import h5py
+    from scipy.spatial import cKDTree
+
+    try:
+        with h5py.File(st_path, "r") as f:
+            node = f.get("obsm/spatial")
+            xy = np.asarray(node[()], dtype=np.float64) if isinstance(node, h5py.Dataset) else None
+    except OSError as exc:
+        log.warning("%s cannot be read (%s); the pixel size is not cross-checked with its spot spacing", st_path, exc)
+        return None
+    if xy is None or xy.ndim != 2 or xy.shape[1] < 2 or len(xy) < MIN_SPOTS:
+        log.warning("%s holds no obsm['spatial'] with %d or more spots; the pixel size is not cross-checked",
+                    st_path, MIN_SPOTS)
+        return None
+    distance, _ = cKDTree(xy[:, :2]).query(xy[:, :2], k=2)
+    step = float(np.median(distance[:, 1]))
+    return spacing_um / step if step > 0 else None
 
 
 def _float_or_none(value) -> float | None:

@@ -35,8 +35,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from gcmoe._constants import Key, UnsKey
-from gcmoe.data.image import open_image
-from gcmoe.data.readers._common import check_mpp, differs, inside_image, uns_safe
+from gcmoe.data.image import image_mpp, open_image
+from gcmoe.data.readers._common import check_mpp, differs, inside_image, plausible_mpp, uns_safe
 from gcmoe.data.readers.polygons import as_str_id
 from gcmoe.data.readers.transcripts import is_control_feature
 from gcmoe.data.sample import Sample
@@ -157,25 +157,6 @@ def _read_mex(folder: Path) -> tuple[sp.csr_matrix, list[str], pd.DataFrame]:
     table = pd.read_csv(pick("features.tsv"), sep="\t", header=None, dtype=str)
     table = table.iloc[:, :3].set_axis(["id", "name", "feature_type"][: table.shape[1]], axis=1)
     return mat, barcodes, table
-
-
-def _ome_mpp(path: Path) -> float | None:
-    """PhysicalSizeX of an OME-TIFF (micrometres unless another unit is stated), else the resolution tags."""
-    import tifffile
-
-    from gcmoe.data.image import tiff_mpp
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            xml = tif.ome_metadata or ""
-        m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', xml)
-        if m:
-            unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', xml)
-            scale = {"nm": 1e-3, "mm": 1e3, "cm": 1e4}.get(unit.group(1) if unit else "µm", 1.0)
-            return float(m.group(1)) * scale
-        return tiff_mpp(path)
-    except Exception:  # a tag we cannot parse must not stop the read; the alignment gives the pixel size
-        return None
 
 
 def _version(specs: dict) -> tuple[int, ...] | None:
@@ -299,7 +280,10 @@ def read_xenium(
     he_xy = (np.linalg.inv(matrix) @ morph.T).T[:, :2]
 
     mpp_alignment = pixel_size * float(np.sqrt(abs(np.linalg.det(matrix[:2, :2]))))
-    mpp_image = _ome_mpp(image_path) if Path(image_path).suffix.lower() in (".tif", ".tiff") else None
+    stated = image_mpp(image_path)
+    mpp_image = stated[0] if stated is not None and plausible_mpp(stated[0]) else None
+    if stated is not None and mpp_image is None:
+        log.warning("%s: %s gives %.4g um/px, implausible for an H&E image; ignored", image_path.name, stated[1], stated[0])
     if differs(mpp_alignment, mpp_image, 0.1):
         log.warning("%s: the H&E pixel size from the alignment (%.4f um) and from the image's tags (%.4f um) "
                     "differ; using the alignment's (give --mpp to override)", image_path.name, mpp_alignment, mpp_image)
