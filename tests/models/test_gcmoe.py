@@ -67,12 +67,16 @@ def test_all_masked_c2ca_equals_ffn_of_own_feature():
     assert torch.count_nonzero(out.attention) == 0
 
 
-def test_padded_neighbours_get_zero_attention_and_do_not_matter():
+@pytest.mark.parametrize("shared", [True, False])
+def test_padded_neighbours_get_zero_attention_and_do_not_matter(shared):
     torch.manual_seed(0)
-    attn = ExpertCrossAttention(3, 8, 4, offset_encoding_dim())
+    attn = ExpertCrossAttention(3, 8, 4, offset_encoding_dim(), shared=shared)
+    torch.nn.init.normal_(attn.out)  # trained-like output map (it starts at zero)
     b = _batch()
     phi = torch.randn(16, 5, offset_encoding_dim())
     out, w = attn(b["features"], b["neighbour_features"], phi, b["neighbour_mask"])
+    assert out.shape == (16, 3, 8) and w.shape == (16, 1 if shared else 3, 5)
+    assert torch.count_nonzero(out) > 0
     assert torch.all(w[~b["neighbour_mask"].unsqueeze(1).expand_as(w)] == 0)
     has = b["neighbour_mask"].any(-1)
     assert torch.allclose(w.sum(-1)[has], torch.ones_like(w.sum(-1)[has]), atol=1e-6)
@@ -124,3 +128,51 @@ def test_c2ca_needs_neighbours():
     model = GCMoE(8, 6, adjacency=torch.zeros(4, 6, 6))
     with pytest.raises(ValueError, match="neighbour"):
         model(torch.randn(3, 8))
+
+
+def test_full_model_starts_as_its_ablation_without_c2ca():
+    """Zero-initialised neighbour parts: with the same seed, GC-MoE and "w/o C2CA" agree at initialisation."""
+    batch = _batch()
+    torch.manual_seed(3)
+    ablation = create_model("gcmoe_no_c2ca", 8, 6, adjacency=torch.zeros(4, 6, 6)).eval()
+    for params in ({}, {"c2ca_shared": False}, {"router_context": True, "neighbour_dropout": 0.3}):
+        torch.manual_seed(3)
+        full = create_model("gcmoe", 8, 6, adjacency=torch.zeros(4, 6, 6), **params).eval()
+        a, f = ablation.compute(batch["features"]), full.compute(**batch)
+        assert torch.equal(a.prediction, f.prediction) and torch.equal(a.routing, f.routing)
+        # ... and moves away from it once trained: the output map and router context get gradients
+        full.train()
+        expression_loss(full(**batch).prediction, torch.randn(16, 6)).backward()
+        assert torch.count_nonzero(full.attention.out.grad) > 0
+        if params.get("router_context"):
+            assert torch.count_nonzero(full.router_neighbours.weight.grad) > 0
+
+
+def test_shared_c2ca_has_one_attention_block_and_per_expert_outputs():
+    shared = GCMoE(8, 6, adjacency=torch.zeros(4, 6, 6))
+    separate = GCMoE(8, 6, adjacency=torch.zeros(4, 6, 6), c2ca_shared=False)
+    assert shared.attention.key.shape[0] == 1 and separate.attention.key.shape[0] == 4
+    assert shared.attention.out.shape[0] == separate.attention.out.shape[0] == 4
+
+
+def test_router_context_reads_the_neighbours_mean():
+    torch.manual_seed(0)
+    model = GCMoE(8, 6, adjacency=torch.zeros(4, 6, 6), router_context=True).eval()
+    torch.nn.init.normal_(model.router_neighbours.weight)
+    batch = _batch()
+    base = model.compute(**batch).routing
+    moved = dict(batch, neighbour_features=batch["neighbour_features"] + 1.0)
+    has = batch["neighbour_mask"].any(-1)
+    changed = (model.compute(**moved).routing - base).abs().sum(-1) > 1e-6
+    assert torch.equal(changed, has)  # cells without neighbours route on their own feature only
+
+
+def test_neighbour_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    model = GCMoE(8, 6, adjacency=torch.zeros(4, 6, 6), neighbour_dropout=0.5, dropout=0.0)
+    torch.nn.init.normal_(model.attention.out)
+    batch = _batch()
+    model.eval()
+    assert torch.equal(model.compute(**batch).prediction, model.compute(**batch).prediction)
+    model.train()
+    assert not torch.allclose(model.compute(**batch).prediction, model.compute(**batch).prediction)

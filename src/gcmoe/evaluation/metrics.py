@@ -56,3 +56,21 @@ def summarize_folds(values: Sequence[float]) -> tuple[float, float]:
     if len(v) == 0:
         return float("nan"), float("nan")
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def score_by_type(pred: np.ndarray, true: np.ndarray, cell_type: np.ndarray, min_cells: int = 10) -> dict[str, float]:
+    """Mean per-gene PCC within each cell type's test cells: how well a model orders the cells of one type.
+
+    Types with fewer than ``min_cells`` test cells get no score (a correlation over a handful of cells is
+    noise); genes constant within a type are excluded from its mean, as in :func:`score_genes`.
+    """
+    cell_type = np.asarray(cell_type).astype(str)
+    out: dict[str, float] = {}
+    for t in sorted(set(cell_type)):
+        rows = cell_type == t
+        if rows.sum() < min_cells:
+            continue
+        r = pearson_per_gene(pred[rows], true[rows])
+        if (~np.isnan(r)).any():
+            out[t] = float(np.nanmean(r))
+    return out

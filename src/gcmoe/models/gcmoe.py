@@ -1,7 +1,7 @@
-"""GC-MoE: genomics-guided, cell-type-specific mixture of experts (DESIGN section 1).
+"""GC-MoE: genomics-guided, cell-type-specific mixture of experts (docs/gcmoe.md).
 
 For cell i with standardised feature z_i (D), neighbours j in its window, K experts and G genes:
-    pi_i   = softmax(R(z_i))                                   router, (K,)
+    pi_i   = softmax(R(z_i [, mean_j z_j]))                    router, (K,); neighbours' mean with router_context
     g_ik   = FFN_k(z_i + C2CA_k(z_i, {z_j, o_ij}))             expert k's refined feature, (d_out,)
     W_k    = GCN_k(Â_k, E_k)                                   CAP: gene-wise vectors over graph A_k, (G, d_out)
     y_ikg  = <w_kg, g_ik> + b_kg
@@ -15,6 +15,9 @@ Ablations are settings of this one model (the paper's names):
     "Ours w/o CAP, C2CA":         moe=True,  cap=False, c2ca=False
     "Ours w/o C2CA":              moe=True,  cap=True,  c2ca=False
     "GC-MoE":                     moe=True,  cap=True,  c2ca=True
+C2CA's output map starts at zero and the neighbour parts are built last, so with the same seed the full
+model starts exactly as "Ours w/o C2CA"; in training, each neighbour is hidden with probability
+``neighbour_dropout`` (docs/gcmoe.md, "What differs from the paper").
 Without MoE there is one expert and no router (its CAP graph, when used, is the all-cells graph).
 Without CAP each expert has a free linear head W_k (G, d_out).
 
@@ -49,7 +52,7 @@ class GCMoEOutput(NamedTuple):
     prediction: Tensor  # (B, G)
     routing: Tensor  # (B, K) router probabilities (ones when moe=False)
     expert_predictions: Tensor  # (B, K, G)
-    attention: Tensor | None  # (B, K, M) or None without C2CA
+    attention: Tensor | None  # (B, A, M), A = 1 shared attention block or K; None without C2CA
 
 
 class GCMoE(CellModel):
@@ -72,6 +75,9 @@ class GCMoE(CellModel):
         router_hidden: int = 64,
         window_um: float = 64.0,
         dropout: float = 0.1,
+        c2ca_shared: bool = True,
+        neighbour_dropout: float = 0.5,
+        router_context: bool = False,
         lambda_route: float = 1.0,
         lambda_coexp: float = 0.1,
     ) -> None:
@@ -85,8 +91,6 @@ class GCMoE(CellModel):
         k = self.n_experts
         if moe:
             self.router = nn.Sequential(nn.Linear(in_dim, router_hidden), nn.GELU(), nn.Linear(router_hidden, n_types))
-        if c2ca:
-            self.attention = ExpertCrossAttention(k, in_dim, attn_dim, offset_encoding_dim())
         self.ffn = ExpertFFN(k, in_dim, hidden, out_dim, dropout)
         if cap:
             adj = _expert_adjacency(adjacency, n_genes, n_types, moe)
@@ -96,6 +100,22 @@ class GCMoE(CellModel):
         else:
             self.head = nn.Parameter(torch.randn(k, n_genes, out_dim) / out_dim**0.5)
         self.gene_bias = nn.Parameter(torch.zeros(k, n_genes))
+        # the neighbour parts last, zero where they meet the rest: with the same seed, the full model starts
+        # exactly as its ablation without C2CA
+        self.neighbour_dropout = float(neighbour_dropout)
+        self.router_context = bool(router_context and c2ca and moe)
+        if c2ca:
+            self.attention = ExpertCrossAttention(k, in_dim, attn_dim, offset_encoding_dim(), shared=c2ca_shared)
+        if self.router_context:
+            self.router_neighbours = nn.Linear(in_dim, router_hidden, bias=False)
+            nn.init.zeros_(self.router_neighbours.weight)
+
+    def route(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        """Router logits (B, K) from the standardised feature and, with router_context, the neighbours' mean."""
+        if context is None or not self.router_context:
+            return self.router(z)
+        hidden = self.router[0](z) + self.router_neighbours(context)
+        return self.router[2](self.router[1](hidden))
 
     def gene_vectors(self) -> Tensor:
         """The gene-wise prediction vectors W (K, G, d_out): CAP's GCN output, or the free heads."""
@@ -110,20 +130,25 @@ class GCMoE(CellModel):
     ) -> GCMoEOutput:
         z = self.standardize(features)
         b = z.shape[0]
-        attention = None
+        attention = context = None
         h = z.unsqueeze(1).expand(b, self.n_experts, z.shape[1])
         if self.c2ca:
             if neighbour_features is None or neighbour_offsets is None or neighbour_mask is None:
                 raise ValueError("GC-MoE with C2CA needs neighbour_features, neighbour_offsets and neighbour_mask")
             zn = self.standardize(neighbour_features)
+            if self.training and self.neighbour_dropout > 0:
+                neighbour_mask = neighbour_mask & (torch.rand_like(neighbour_mask, dtype=z.dtype) >= self.neighbour_dropout)
             phi = offset_encoding(neighbour_offsets / (self.window_um / 2))
             attn, attention = self.attention(z, zn, phi, neighbour_mask)
             h = h + attn
+            if self.router_context:
+                m = neighbour_mask.unsqueeze(-1).to(z.dtype)
+                context = (zn * m).sum(1) / m.sum(1).clamp(min=1.0)  # mean neighbour feature, 0 without any
         g = self.ffn(h)  # (B, K, d_out)
         w = self.gene_vectors()  # (K, G, d_out)
         expert_pred = torch.einsum("bko,kgo->bkg", g, w) + self.gene_bias  # (B, K, G)
         if self.moe:
-            routing = torch.softmax(self.router(z), dim=-1)
+            routing = torch.softmax(self.route(z, context), dim=-1)
             prediction = torch.einsum("bk,bkg->bg", routing, expert_pred)
         else:
             routing = torch.ones(b, 1, dtype=z.dtype, device=z.device)

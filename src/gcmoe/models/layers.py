@@ -75,40 +75,47 @@ class ExpertFFN(nn.Module):
 class ExpertCrossAttention(nn.Module):
     """C2CA for K experts: the cell attends to its neighbours, keys/values carry a learned offset encoding.
 
-    For expert k, cell i, neighbour j with encoded offset phi_ij (P):
-        q_ik = Wq_k z_i,   s_ijk = q_ik . (Wk_k z_j + Uk_k phi_ij) / sqrt(d),   a_ijk = softmax_j(s_ijk) over valid j
-        attn_ik = Wo_k (Wv_k sum_j a_ijk z_j + Uv_k sum_j a_ijk phi_ij)
+    For attention block a, cell i, neighbour j with encoded offset phi_ij (P):
+        q_ia = Wq_a z_i,   s_ija = q_ia . (Wk_a z_j + Uk_a phi_ij) / sqrt(d),   w_ija = softmax_j(s_ija) over valid j
+        attn_ik = Wo_k (Wv_a sum_j w_ija z_j + Uv_a sum_j w_ija phi_ij)
+    With ``shared`` there is one block (a = 1) whose pooled neighbourhood every expert reads through its own
+    output map Wo_k; otherwise each expert has its own block (a = k). Wo starts at zero, so at initialisation
+    attn = 0 and C2CA is the identity: the expert starts as its ablation without C2CA and moves away from it
+    only as far as the gradient of the training loss takes it.
     Because the key and value maps are linear, they are applied after the sum over neighbours (or folded
-    into the query), so the cost per cell is O(K (M D + D d)), not O(K M D d). A cell with no valid
+    into the query), so the cost per cell is O(A (M D + D d)), not O(A M D d). A cell with no valid
     neighbour gets attn = 0, so C2CA then reduces to the FFN of its own feature.
 
     Shapes: z (B, D), neighbours (B, M, D), phi (B, M, P), mask (B, M) True = valid -> (B, K, D), and the
-    attention weights (B, K, M) (zero on padded slots).
+    attention weights (B, A, M) (zero on padded slots).
     """
 
-    def __init__(self, n_experts: int, dim: int, attn_dim: int, offset_dim: int) -> None:
+    def __init__(self, n_experts: int, dim: int, attn_dim: int, offset_dim: int, shared: bool = True) -> None:
         super().__init__()
+        blocks = 1 if shared else n_experts
         self.scale = 1.0 / math.sqrt(attn_dim)
-        self.query = ExpertLinear(n_experts, dim, attn_dim)
-        std_in, std_att = 1.0 / math.sqrt(dim), 1.0 / math.sqrt(attn_dim)
-        self.key = nn.Parameter(torch.randn(n_experts, dim, attn_dim) * std_in)
-        self.key_offset = nn.Parameter(torch.randn(n_experts, offset_dim, attn_dim) / math.sqrt(offset_dim))
-        self.value = nn.Parameter(torch.randn(n_experts, dim, attn_dim) * std_in)
-        self.value_offset = nn.Parameter(torch.randn(n_experts, offset_dim, attn_dim) / math.sqrt(offset_dim))
-        self.out = nn.Parameter(torch.randn(n_experts, attn_dim, dim) * std_att)
+        self.query = ExpertLinear(blocks, dim, attn_dim)
+        std_in = 1.0 / math.sqrt(dim)
+        self.key = nn.Parameter(torch.randn(blocks, dim, attn_dim) * std_in)
+        self.key_offset = nn.Parameter(torch.randn(blocks, offset_dim, attn_dim) / math.sqrt(offset_dim))
+        self.value = nn.Parameter(torch.randn(blocks, dim, attn_dim) * std_in)
+        self.value_offset = nn.Parameter(torch.randn(blocks, offset_dim, attn_dim) / math.sqrt(offset_dim))
+        self.out = nn.Parameter(torch.zeros(n_experts, attn_dim, dim))
 
     def forward(self, z: Tensor, neighbours: Tensor, phi: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        q = self.query(z) * self.scale  # (B, K, d)
-        q_feat = torch.einsum("bkd,kid->bki", q, self.key)  # (B, K, D): Wk^T q
-        q_off = torch.einsum("bkd,kpd->bkp", q, self.key_offset)  # (B, K, P)
-        scores = torch.einsum("bki,bmi->bkm", q_feat, neighbours) + torch.einsum("bkp,bmp->bkm", q_off, phi)
+        q = self.query(z) * self.scale  # (B, A, d)
+        q_feat = torch.einsum("bad,aid->bai", q, self.key)  # (B, A, D): Wk^T q
+        q_off = torch.einsum("bad,apd->bap", q, self.key_offset)  # (B, A, P)
+        scores = torch.einsum("bai,bmi->bam", q_feat, neighbours) + torch.einsum("bap,bmp->bam", q_off, phi)
         valid = mask.unsqueeze(1)  # (B, 1, M)
         scores = scores.masked_fill(~valid, float("-inf"))
         any_valid = valid.any(dim=-1, keepdim=True)  # (B, 1, 1)
         weights = torch.softmax(scores.masked_fill(~any_valid, 0.0), dim=-1) * valid  # zero on padding
-        pooled_feat = torch.einsum("bkm,bmi->bki", weights, neighbours)  # (B, K, D)
-        pooled_off = torch.einsum("bkm,bmp->bkp", weights, phi)  # (B, K, P)
-        v = torch.einsum("bki,kid->bkd", pooled_feat, self.value) + torch.einsum("bkp,kpd->bkd", pooled_off, self.value_offset)
+        pooled_feat = torch.einsum("bam,bmi->bai", weights, neighbours)  # (B, A, D)
+        pooled_off = torch.einsum("bam,bmp->bap", weights, phi)  # (B, A, P)
+        v = torch.einsum("bai,aid->bad", pooled_feat, self.value) + torch.einsum("bap,apd->bad", pooled_off, self.value_offset)
+        if v.shape[1] == 1:  # shared block: every expert reads the same pooled neighbourhood
+            return torch.einsum("bd,kdi->bki", v[:, 0], self.out), weights
         return torch.einsum("bkd,kdi->bki", v, self.out), weights
 
 
