@@ -266,7 +266,7 @@ def simulate(
     _setup_logging(verbose)
     from gcmoe.config import TissueConfig
     from gcmoe.data.virtual_tissue import simulate_tissue
-    from gcmoe.pipeline import write_h5ad
+    from gcmoe.files import write_h5ad
 
     try:
         tissue = simulate_tissue(TissueConfig(

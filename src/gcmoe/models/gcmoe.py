@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from gcmoe.models.ablations import ABLATIONS
 from gcmoe.models.base import CellModel, ModelOutput
+from gcmoe.models.inputs import ModelInputs
 from gcmoe.models.layers import (
     ExpertCrossAttention,
     ExpertFFN,
@@ -77,6 +78,7 @@ class GCMoE(CellModel):
     ) -> None:
         super().__init__(in_dim, n_genes)
         self.moe, self.cap, self.c2ca = moe, cap, c2ca
+        self.inputs = self.inputs_for(moe, cap, c2ca)
         self.n_types = n_types
         self.n_experts = n_types if moe else 1
         self.window_um = float(window_um)
@@ -96,6 +98,11 @@ class GCMoE(CellModel):
         else:
             self.head = nn.Parameter(torch.randn(k, n_genes, out_dim) / out_dim**0.5)
         self.gene_bias = nn.Parameter(torch.zeros(k, n_genes))
+
+    @staticmethod
+    def inputs_for(moe: bool, cap: bool, c2ca: bool) -> ModelInputs:
+        """Routing labels always (K, and the router's supervision); C2CA neighbours and CAP graphs when on."""
+        return ModelInputs(cell_types=True, neighbours=c2ca, coexpression=cap)
 
     def gene_vectors(self) -> Tensor:
         """The gene-wise prediction vectors W (K, G, d_out): CAP's GCN output, or the free heads."""
@@ -196,7 +203,7 @@ def _make_factory(switches: dict[str, bool]):
 
 
 for _name, (_display, _switches) in ABLATIONS.items():
-    _needs = {"cell_types"} | ({"neighbours"} if _switches["c2ca"] else set()) | ({"coexpression"} if _switches["cap"] else set())
     register_model(
-        _name, _display, f"GC-MoE with moe={_switches['moe']}, cap={_switches['cap']}, c2ca={_switches['c2ca']}", _needs
+        _name, _display, f"GC-MoE with moe={_switches['moe']}, cap={_switches['cap']}, c2ca={_switches['c2ca']}",
+        GCMoE.inputs_for(**_switches),
     )(_make_factory(_switches))

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gcmoe.training.checkpoint import CheckpointError, sha256_file
+from gcmoe.files import file_sha256
+from gcmoe.training.checkpoint import CheckpointError
 
 FORMAT = "gcmoe-training-state/1"
 _PREFIX = "epoch-"
@@ -96,7 +97,7 @@ def save_training_state(folder: str | os.PathLike, state: TrainingState, fingerp
         "numpy_rng": [state.numpy_rng[0], int(state.numpy_rng[2]), int(state.numpy_rng[3]), float(state.numpy_rng[4])],
         "scaler": dict(state.scaler or {}),
         "fingerprint": dict(fingerprint),
-        "sha256": sha256_file(tmp / "state.safetensors"),
+        "sha256": file_sha256(tmp / "state.safetensors"),
     }
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     final = folder / name
@@ -136,7 +137,7 @@ def load_training_state(folder: str | os.PathLike, fingerprint: Mapping[str, Any
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown training-state format {meta.get('format')!r}")
     weights = path / "state.safetensors"
-    if not weights.is_file() or sha256_file(weights) != meta.get("sha256"):
+    if not weights.is_file() or file_sha256(weights) != meta.get("sha256"):
         raise CheckpointError(f"{weights} is missing or does not match its checksum: the checkpoint is damaged; "
                               f"delete {path} to resume from scratch")
     saved = meta.get("fingerprint", {})
