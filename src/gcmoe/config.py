@@ -233,8 +233,6 @@ def save_config(config: Any, path: str | os.PathLike) -> Path:
     """Write the resolved settings as YAML, atomically."""
     import yaml
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    from gcmoe.files import write_text
+
+    return write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_path", "file_sha256", "plain_values", "write_h5ad", "write_json", "write_text"]
+__all__ = ["atomic_path", "file_sha256", "plain_values", "publish", "temporary_path", "write_h5ad", "write_json",
+           "write_text"]
 
 
 @contextmanager
@@ -25,20 +26,33 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; it replaces ``path`` when the block ends without error.
 
     ``suffix`` ends the temporary name, for writers that add their own (``np.savez`` adds ``.npz``). The
-    parent folder is created. On an error the temporary file (or folder) is removed and nothing is replaced.
+    parent folder is created. The temporary path may become a folder (a folder at ``path`` is then replaced
+    whole). On an error the temporary file or folder is removed and nothing is replaced.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{suffix}")
+    tmp = temporary_path(path, suffix)
     try:
         yield tmp
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def temporary_path(path: str | os.PathLike, suffix: str = "") -> Path:
+    """The hidden temporary name beside ``path`` that :func:`publish` renames to ``path`` (parent created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.tmp{suffix}")
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename a finished temporary file or folder to ``path``, replacing what was there (a folder too)."""
+    if Path(tmp).is_dir() and Path(path).is_dir():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

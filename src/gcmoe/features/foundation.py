@@ -196,7 +196,7 @@ def _check_keys(model: torch.nn.Module, state: Mapping[str, torch.Tensor], encod
         raise EncoderWeightsError(
             f"encoder '{encoder}': the weights in {path} do not match its architecture "
             f"({', '.join(parts)} keys). " + "; ".join(d for d in detail if d) + ". Check that the file is the "
-            f"published checkpoint of this model (docs/features.md lists file names and key layouts)."
+            "published checkpoint of this model (docs/features.md lists file names and key layouts)."
         )
 
 

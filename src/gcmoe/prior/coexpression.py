@@ -25,6 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from gcmoe.errors import GcmoeError, InvalidSampleError
+from gcmoe.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,10 @@ class CoexpressionPrior:
         path = Path(path)
         header = {"genes": self.genes, "types": self.types, "tau": self.tau, "n_cells": self.n_cells,
                   "missing_genes": self.missing_genes, "format": "gcmoe-coexpression-prior/1"}
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez_compressed(tmp, adjacency=np.packbits(self.adjacency, axis=-1), all_cells=np.packbits(self.all_cells, axis=-1),
-                            header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez_compressed(tmp, adjacency=np.packbits(self.adjacency, axis=-1),
+                                all_cells=np.packbits(self.all_cells, axis=-1),
+                                header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
         return path
 
     @classmethod

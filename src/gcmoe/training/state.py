@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gcmoe.files import file_sha256
+from gcmoe.files import file_sha256, publish, temporary_path
 from gcmoe.training.checkpoint import CheckpointError
 
 FORMAT = "gcmoe-training-state/1"
@@ -71,7 +71,8 @@ def save_training_state(folder: str | os.PathLike, state: TrainingState, fingerp
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     name = f"{_PREFIX}{state.epoch:06d}"
-    tmp = folder / f".{name}.tmp"
+    final = folder / name
+    tmp = temporary_path(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     tensors: dict[str, Tensor] = {}
@@ -100,9 +101,7 @@ def save_training_state(folder: str | os.PathLike, state: TrainingState, fingerp
         "sha256": file_sha256(tmp / "state.safetensors"),
     }
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    final = folder / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    publish(tmp, final)
     for old in folder.glob(f"{_PREFIX}*"):
         if old != final and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from gcmoe.errors import FeatureCacheError
+from gcmoe.files import publish, temporary_path
 from gcmoe.training.cells import CellData
 
 FORMAT = "gcmoe-cell-store/1"
@@ -87,7 +88,7 @@ class CellStoreWriter:
         if n_cells < 1:
             raise ValueError("a cell store needs at least one cell")
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.tmp = temporary_path(self.path)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.n_cells, self.chunk = int(n_cells), int(min(chunk, n_cells))
@@ -130,8 +131,7 @@ class CellStoreWriter:
         self.meta["digest"] = self.digest.hexdigest()[:20]
         self.meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         (self.tmp / "meta.json").write_text(json.dumps(self.meta, indent=1))
-        shutil.rmtree(self.path, ignore_errors=True)
-        os.replace(self.tmp, self.path)
+        publish(self.tmp, self.path)
         return CellStore(self.path)
 
 
