@@ -47,7 +47,8 @@ class Bench:
 
 def setup(seed: int, threads: int, cache: Path, max_epochs: int) -> Bench:
     from gcmoe.config import TissueConfig
-    from gcmoe.data.genes import compute_targets, select_genes
+    from gcmoe.data.genes import select_genes
+    from gcmoe.data.normalisation import compute_targets
     from gcmoe.data.splits import make_folds
     from gcmoe.models import get_model_entry
     from gcmoe.pipeline import demo_config, prepare_run

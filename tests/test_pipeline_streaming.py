@@ -44,7 +44,7 @@ def _two_slides(tmp_path, cfg):
 
 @pytest.mark.parametrize("slides", [1, 2])
 def test_the_store_holds_the_in_memory_data(tmp_path, small_chunks, slides):
-    from gcmoe.data.genes import compute_targets
+    from gcmoe.data.normalisation import compute_targets
     from gcmoe.models.inputs import ModelInputs
     from gcmoe.pipeline import prepare_run
 

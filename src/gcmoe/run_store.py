@@ -56,7 +56,7 @@ def build_run_store(cache_dir: Path, samples: list, genes: list[str], counts, ro
     label code (-1 unknown) or None; ``encoder``: the run's encoder instance (used for slides not yet cached).
     """
     from gcmoe.config import to_dict
-    from gcmoe.data.genes import compute_targets
+    from gcmoe.data.normalisation import compute_targets
     from gcmoe.features import extract_features
     from gcmoe.features.cache import FeatureCache
     from gcmoe.features.neighbours import cached_window_neighbours

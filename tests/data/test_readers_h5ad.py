@@ -19,7 +19,8 @@ from gcmoe.data.readers import detect_format, read_h5ad, read_polygons, read_sam
 from gcmoe.data.readers.polygons import PolygonIndex, Polygons, wkb_exterior
 from gcmoe.errors import ImageReadError, InvalidSampleError
 
-REALDATA = Path(os.environ.get("GCMOE_REALDATA", "/work/shared/realdata"))
+# real data beside the project (../shared/realdata from its root); GCMOE_REALDATA overrides
+REALDATA = Path(os.environ.get("GCMOE_REALDATA", Path(__file__).resolve().parents[2].parent / "shared" / "realdata"))
 
 
 def _anndata_pair(tmp_path: Path, n: int = 30, types=("T cell", "B cell", "Fibroblast", "Tumour", "Endo")):
@@ -128,7 +129,7 @@ def test_point_in_polygon_index_matches_brute_force():
     assert (got == want).mean() > 0.999 and (want >= 0).sum() > 100
 
 
-@pytest.mark.skipif(not REALDATA.is_dir(), reason="no real data under /work/shared/realdata (set GCMOE_REALDATA)")
+@pytest.mark.skipif(not REALDATA.is_dir(), reason=f"no real data under {REALDATA} (set GCMOE_REALDATA)")
 def test_real_data_folders_read():
     """Every folder of the real-data area that a reader recognises reads into a valid Sample."""
     read_any = 0

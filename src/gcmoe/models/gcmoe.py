@@ -1,4 +1,4 @@
-"""GC-MoE: genomics-guided, cell-type-specific mixture of experts (DESIGN section 1).
+"""GC-MoE: genomics-guided, cell-type-specific mixture of experts (docs/gcmoe.md).
 
 For cell i with standardised feature z_i (D), neighbours j in its window, K experts and G genes:
     pi_i   = softmax(R(z_i))                                   router, (K,)

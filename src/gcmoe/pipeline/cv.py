@@ -119,7 +119,7 @@ class _RunTargets:
 
     @classmethod
     def of(cls, run: RunData, config: RunConfig) -> _RunTargets:
-        from gcmoe.data.genes import compute_targets
+        from gcmoe.data.normalisation import compute_targets
         from gcmoe.training.state import tensor_digest
 
         if run.store is not None:  # streaming: all targets live in the store
@@ -131,7 +131,7 @@ class _RunTargets:
         """(training targets of ``genes`` as a tensor, or None when streaming; the test cells' targets)."""
         import torch
 
-        from gcmoe.data.genes import sparse_targets
+        from gcmoe.data.normalisation import sparse_targets
 
         cols = np.array([pooled.genes.index(g) for g in genes])
         if self.all is None:

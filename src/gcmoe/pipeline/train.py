@@ -10,7 +10,12 @@ import numpy as np
 from gcmoe.config import RunConfig, save_config
 from gcmoe.pipeline.data import extract_sharded, load_samples, prepare_run
 from gcmoe.pipeline.inputs import build_model, check_streamable
-from gcmoe.pipeline.outputs import attach_log_file, detach_log_file, model_card, plain_params
+from gcmoe.pipeline.outputs import (
+    attach_log_file,
+    detach_log_file,
+    model_card,
+    plain_params,
+)
 
 
 def train_model(config: RunConfig, model_name: str, progress: bool = True, resume: bool = False) -> Path:
@@ -28,7 +33,8 @@ def train_model(config: RunConfig, model_name: str, progress: bool = True, resum
     """
     import torch
 
-    from gcmoe.data.genes import compute_targets, select_genes
+    from gcmoe.data.genes import select_genes
+    from gcmoe.data.normalisation import compute_targets
     from gcmoe.data.splits import carve_validation
     from gcmoe.models import get_model_entry
     from gcmoe.training.checkpoint import save_model

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
+from gcmoe.data.normalisation import log_normalised
 from gcmoe.errors import GcmoeError, InvalidSampleError
 from gcmoe.files import atomic_path
 
@@ -109,26 +109,6 @@ class CoexpressionPrior:
 def default_type_mapping(reference_types: Sequence[str], routing_types: Sequence[str]) -> dict[str, str]:
     """Identity for reference types that are routing types; other names must be mapped explicitly."""
     return {t: t for t in reference_types if t in set(routing_types)}
-
-
-def median_total(counts: np.ndarray | sp.spmatrix) -> float:
-    """The median library size (total over all genes) of the cells with any count; 1 when none has."""
-    total = np.asarray(counts.sum(axis=1)).ravel()
-    return float(np.median(total[total > 0])) if (total > 0).any() else 1.0
-
-
-def log_normalised(counts: np.ndarray | sp.spmatrix, columns: np.ndarray, target: float | None = None) -> np.ndarray:
-    """log1p of ``counts[:, columns]`` scaled by each cell's total over ALL genes to the median total.
-
-    Totals come from the whole panel, so a handful of target genes does not create compositional
-    (anti-)correlations among themselves. ``target``: the library size to scale to (default: this set's
-    median; give the whole set's when normalising it block by block).
-    """
-    total = np.asarray(counts.sum(axis=1)).reshape(-1, 1).astype(np.float64)
-    x = sp.csr_matrix(counts)[:, columns].toarray() if sp.issparse(counts) else np.asarray(counts)[:, columns]
-    x = x.astype(np.float64, copy=False)
-    target = median_total(counts) if target is None else float(target)
-    return np.log1p(np.divide(x * target, total, out=np.zeros_like(x), where=total > 0))
 
 
 def correlation_graph(expr: np.ndarray, tau: float) -> np.ndarray:
