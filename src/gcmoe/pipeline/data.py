@@ -170,17 +170,14 @@ def routing_labels(pooled: PooledCells, reference, config: RunConfig) -> Routing
 
 
 def type_mapping(reference, config: RunConfig, pooled: PooledCells) -> dict[str, str]:
-    """Reference type name -> routing type: ``prior.mapping``, else the reference's own, else same names."""
+    """Reference type name -> routing type (``prior.mapping``, else the reference's own, else the same names
+    among the cells' types); empty without a reference."""
+    from gcmoe.prior.coexpression import reference_type_mapping
+
     if reference is None:
         return {}
-    if config.prior.mapping is not None:
-        return dict(config.prior.mapping)
-    own = reference.uns.get("gcmoe", {}).get("type_mapping")
-    if own:
-        return {str(k): str(v) for k, v in dict(own).items()}
-    ref_types = set(reference.obs[config.prior.type_key].astype(str)) if config.prior.type_key in reference.obs else set()
-    targets = set(pooled.cell_type) if pooled.cell_type is not None else ref_types
-    return {t: t for t in ref_types if t in targets}
+    targets = None if pooled.cell_type is None else list(dict.fromkeys(pooled.cell_type))
+    return reference_type_mapping(reference, config.prior.type_key, config.prior.mapping, targets)
 
 
 @dataclass

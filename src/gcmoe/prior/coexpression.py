@@ -106,9 +106,49 @@ class CoexpressionPrior:
                    list(header["n_cells"]), list(header["missing_genes"]))
 
 
-def default_type_mapping(reference_types: Sequence[str], routing_types: Sequence[str]) -> dict[str, str]:
-    """Identity for reference types that are routing types; other names must be mapped explicitly."""
-    return {t: t for t in reference_types if t in set(routing_types)}
+def reference_type_mapping(reference, type_key: str = "cell_type", mapping: Mapping[str, str] | None = None,
+                           routing_types: Sequence[str] | None = None) -> dict[str, str]:
+    """Reference type name -> routing type: ``mapping`` when given, else the reference's own
+    (``uns["gcmoe"]["type_mapping"]``), else each reference type to the routing type of the same name (every
+    reference type when ``routing_types`` is None). Reference types absent from the result are left out."""
+    if mapping is not None:
+        return {str(k): str(v) for k, v in dict(mapping).items()}
+    own = reference.uns.get("gcmoe", {}).get("type_mapping")
+    if own:
+        return {str(k): str(v) for k, v in dict(own).items()}
+    ref_types = reference.obs[type_key].astype(str).unique() if type_key in reference.obs else []
+    return {t: t for t in ref_types if routing_types is None or t in set(routing_types)}
+
+
+def prior_from_files(reference: str | os.PathLike, genes: Sequence[str] | None = None,
+                     genes_of: str | os.PathLike | None = None, routing_types: Sequence[str] | None = None,
+                     mapping: str | os.PathLike | None = None, type_key: str = "cell_type",
+                     tau: float = 0.2) -> CoexpressionPrior:
+    """``gcmoe prior``: co-expression graphs from a reference .h5ad, with the target genes and type mapping
+    read from files.
+
+    Parameters
+    ----------
+    genes
+        The target genes; else those of the Sample .h5ad ``genes_of``; else every gene of the reference.
+    routing_types
+        The routing types; default: the mapping's types in routing order (gcmoe.data.cell_types.ordered_types).
+    mapping
+        A YAML file ``{reference type: routing type}``; default: the reference's own, else the same names.
+    """
+    import anndata
+    import yaml
+
+    from gcmoe.data.cell_types import ordered_types
+
+    ref = anndata.read_h5ad(reference)
+    if genes is None:
+        genes = list(map(str, (anndata.read_h5ad(genes_of, backed="r") if genes_of else ref).var_names))
+    type_map = yaml.safe_load(Path(mapping).read_text()) if mapping else None
+    if routing_types is None:
+        routing_types = ordered_types(reference_type_mapping(ref, type_key, type_map).values())
+    return build_coexpression_prior(ref, list(genes), list(routing_types), type_key=type_key, mapping=type_map,
+                                    tau=tau)
 
 
 def correlation_graph(expr: np.ndarray, tau: float) -> np.ndarray:
@@ -144,10 +184,7 @@ def build_coexpression_prior(
     """
     if type_key not in reference.obs:
         raise PriorError(f"the reference has no obs['{type_key}'] column; columns are {list(reference.obs.columns)}")
-    if mapping is None:
-        mapping = dict(reference.uns.get("gcmoe", {}).get("type_mapping", {})) or default_type_mapping(
-            reference.obs[type_key].astype(str).unique(), routing_types
-        )
+    mapping = reference_type_mapping(reference, type_key, mapping, routing_types)
     unknown_targets = sorted({v for v in mapping.values() if v not in set(routing_types)})
     if unknown_targets:
         raise PriorError(f"the type mapping sends reference types to {unknown_targets}, which are not routing types {list(routing_types)}")
