@@ -23,7 +23,7 @@ from safetensors.torch import save_file  # noqa: E402
 from gcmoe.config import TissueConfig  # noqa: E402
 from gcmoe.features import create_encoder, extract_features, extract_features_with_stats  # noqa: E402
 from gcmoe.features import foundation  # noqa: E402
-from gcmoe.features.foundation import EncoderWeightsError  # noqa: E402
+from gcmoe.features.weights import EncoderWeightsError  # noqa: E402
 from gcmoe.files import file_sha256  # noqa: E402
 
 pytestmark = pytest.mark.encoders
