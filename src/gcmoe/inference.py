@@ -55,6 +55,7 @@ def predict_slide(
     import pandas as pd
     import torch
 
+    from gcmoe.config import FeatureConfig
     from gcmoe.data.cells import read_cell_centres
     from gcmoe.data.detection import detect_nuclei
     from gcmoe.data.image import open_image, tiff_mpp
@@ -104,8 +105,9 @@ def predict_slide(
     if inputs.pixels:
         feats = np.zeros((len(xy), int(meta["in_dim"])), dtype=np.float32)
     else:
-        feats = extract_features(sample, meta["encoder"]["name"], cache_dir=cache_dir, batch_size=batch_size, device=device,
-                                 progress=progress, weights=meta["encoder"].get("weights"))
+        settings = FeatureConfig(encoder=meta["encoder"]["name"], weights=meta["encoder"].get("weights"),
+                                 batch_size=batch_size, device=device, cache_dir=None if cache_dir is None else str(cache_dir))
+        feats = extract_features(sample, settings, progress=progress)
     if feats.shape[1] != meta["in_dim"]:
         raise InvalidSampleError(f"the encoder gave {feats.shape[1]} features, the model expects {meta['in_dim']}")
     xy_um = sample.spatial * mpp

@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,8 +96,8 @@ def build_run_store(cache_dir: Path, samples: list, genes: list[str], counts, ro
         # one slide's features in memory at a time, float16 as cached (extracted first when not cached yet)
         feats = cache.load(s, enc_config, dtype=np.float16)
         if feats is None:  # extraction with a cache returns the float16 values it cached: the cast is exact
-            feats = extract_features(s, encoder, cache_dir=cache_dir, batch_size=f.batch_size, device=f.device,
-                                     progress=progress, tile_size=f.tile_size).astype(np.float16)
+            feats = extract_features(s, replace(f, cache_dir=str(cache_dir)), encoder=encoder,
+                                     progress=progress).astype(np.float16)
         if writer is None:
             writer = CellStoreWriter(path, n, feats.shape[1], list(genes), m, list(routing_types), chunk)
         nbr = cached_window_neighbours(s.spatial * s.mpp, config.neighbours.window_um, m, cache_dir, s.sample_id)

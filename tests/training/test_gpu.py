@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gcmoe.config import TrainConfig
+from gcmoe.config import FeatureConfig, TrainConfig
 from gcmoe.models import create_model
 from gcmoe.training.cells import CellData
 from gcmoe.training.trainer import fit, predict
@@ -46,6 +46,6 @@ def test_prediction_on_cuda_matches_the_cpu():
 def test_feature_extraction_on_cuda_matches_the_cpu(tiny_sample):
     from gcmoe.features import extract_features
 
-    on_cpu = extract_features(tiny_sample, device="cpu", progress=False)
-    on_gpu = extract_features(tiny_sample, device="cuda", progress=False)
+    on_cpu = extract_features(tiny_sample, FeatureConfig(device="cpu"), progress=False)
+    on_gpu = extract_features(tiny_sample, FeatureConfig(device="cuda"), progress=False)
     np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-3, rtol=1e-3)

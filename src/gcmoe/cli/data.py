@@ -74,8 +74,9 @@ def extract(
 
     try:
         device = init_from_env(device)  # under torchrun: join the group; each rank encodes its share of the tiles
-        feats = extract_features(Sample.read(sample), encoder, cache_dir=cache_dir, batch_size=batch_size, device=device,
-                                 weights=weights, distributed=True, progress=is_main_process())
+        settings = FeatureConfig(encoder=encoder, weights=None if weights is None else str(weights),
+                                 batch_size=batch_size, device=device, cache_dir=None if cache_dir is None else str(cache_dir))
+        feats = extract_features(Sample.read(sample), settings, distributed=True, progress=is_main_process())
     except GcmoeError as exc:
         fail(exc)
     if is_main_process():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +273,5 @@ def extract_run_features(sample: Sample, config: RunConfig, encoder, cache_dir: 
     from gcmoe.training.distributed import local_device
 
     f = config.features
-    device = local_device(f.device) if distributed else f.device
-    return extract_features(sample, encoder, cache_dir=cache_dir, batch_size=f.batch_size, device=device,
-                            progress=progress, tile_size=f.tile_size, distributed=distributed)
+    f = replace(f, cache_dir=str(cache_dir), device=local_device(f.device) if distributed else f.device)
+    return extract_features(sample, f, encoder=encoder, progress=progress, distributed=distributed)
