@@ -123,8 +123,8 @@ def predict_slide(
     adata.var_names = pd.Index(meta["genes"])
     adata.obsm[Key.SPATIAL] = sample.spatial
     types = list(meta.get("cell_types") or [])
-    if getattr(model, "moe", False):
-        routing = collect(model, data, idx, lambda m, b: m.compute(**b).routing)
+    if model.routes:
+        routing = collect(model, data, idx, lambda m, b: m.routing(**b))
         adata.obsm["routing"] = routing.astype(np.float32)
         adata.obs["expert"] = pd.Categorical.from_codes(routing.argmax(axis=1), categories=types)
     adata.uns[Key.UNS] = plain_values({

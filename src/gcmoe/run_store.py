@@ -29,13 +29,11 @@ if TYPE_CHECKING:
     from gcmoe.features.registry import Encoder
     from gcmoe.training.streaming import CellStore
 
-__all__ = ["STREAMABLE_NEEDS", "RunStore", "build_run_store"]
+__all__ = ["RunStore", "build_run_store"]
 
 log = logging.getLogger(__name__)
 
 STORE_DIR = "cells"
-# what a model may need and still train from a cell store's buffers (the rest needs all cells in memory)
-STREAMABLE_NEEDS = frozenset({"neighbours", "cell_types", "coexpression"})
 
 
 @dataclass

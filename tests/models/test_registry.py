@@ -53,3 +53,15 @@ def test_unknown_names_and_parameters_are_refused_with_the_valid_names():
         create_model("stnet", 6, 4, depthh=3)
     with pytest.raises(ValueError, match="registered twice"):
         register_model("stnet", "again")(lambda in_dim, n_genes: None)
+
+
+def test_only_models_with_a_router_route():
+    import torch
+
+    gcmoe = create_model("gcmoe_no_cap_c2ca", 6, 4, n_types=3).eval()
+    assert gcmoe.routes and not create_model("stnet", 6, 4).routes
+    assert not create_model("gcmoe_no_moe_cap_c2ca", 6, 4, n_types=3).routes
+    pi = gcmoe.routing(features=torch.randn(5, 6))
+    assert pi.shape == (5, 3) and torch.allclose(pi.sum(1), torch.ones(5))
+    with pytest.raises(NotImplementedError, match="does not route"):
+        create_model("stnet", 6, 4).routing(features=torch.randn(2, 6))

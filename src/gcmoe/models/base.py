@@ -50,6 +50,15 @@ class CellModel(nn.Module):
         """The sizes of the wider inputs this model was built for (windows, context grid, pixel tiles)."""
         return InputGeometry()
 
+    @property
+    def routes(self) -> bool:
+        """Whether the model routes cells to experts (:meth:`routing` then gives the probabilities)."""
+        return False
+
+    def routing(self, **inputs: Tensor) -> Tensor:
+        """The routing probabilities (B, K) of a batch's inputs, for models that route."""
+        raise NotImplementedError(f"{type(self).__name__} does not route cells to experts")
+
     def on_validation_start(self, data, train_idx) -> None:
         """Called by the trainer before each validation pass with the run's ``CellData`` and the training
         cells (e.g. to rebuild a memory bank from them with the current weights). No-op by default."""

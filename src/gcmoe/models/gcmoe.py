@@ -104,6 +104,15 @@ class GCMoE(CellModel):
         """Routing labels always (K, and the router's supervision); C2CA neighbours and CAP graphs when on."""
         return ModelInputs(cell_types=True, neighbours=c2ca, coexpression=cap)
 
+    @property
+    def routes(self) -> bool:
+        return self.moe
+
+    def routing(self, features: Tensor, neighbour_features: Tensor | None = None,
+                neighbour_offsets: Tensor | None = None, neighbour_mask: Tensor | None = None, **_: Tensor) -> Tensor:
+        """The router's probabilities pi (B, K)."""
+        return self.compute(features, neighbour_features, neighbour_offsets, neighbour_mask).routing
+
     def gene_vectors(self) -> Tensor:
         """The gene-wise prediction vectors W (K, G, d_out): CAP's GCN output, or the free heads."""
         return self.gcn(self.norm_adjacency) if self.cap else self.head

@@ -169,8 +169,8 @@ def _train_fold(entry: ModelEntry, k: int, fold: Fold, n_folds: int, genes: list
               checkpoint_dir=checkpoints, resume=resume, fingerprint={"model": entry.name, "genes": ",".join(genes)})
     pred = predict(model, data, run.rows(fold.test))
     pi = None
-    if getattr(model, "moe", False) and run.routing is not None:
-        pi = collect(model, data, run.rows(fold.test), lambda m, b: m.compute(**b).routing)
+    if model.routes and run.routing is not None:
+        pi = collect(model, data, run.rows(fold.test), lambda m, b: m.routing(**b))
     if k == 0:
         save_fold_model(model, entry, params, genes, fold.name, res, run, config, out / "models" / entry.name)
     done = {"prediction": pred, "routing": pi, "best_epoch": res.best_epoch,
