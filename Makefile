@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when it is missing.
-# torch is installed first and pinned (2.13.0, the CPU build on the project machines' disk).
+# torch is installed first and pinned (2.13.0, the CPU build on the project machines' disk); pyproject.toml
+# declares only a range (torch>=2.2), which that build satisfies.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -28,7 +29,7 @@ test: $(STAMP)
 # Foundation-model encoders (timm, open_clip) in their own venv: they need torchvision, which does not import
 # beside the CPU torch 2.13.0 of .venv. torch 2.14.1 + torchvision 0.29.1 lie on the project machines' disk;
 # the constraints file stops timm/open_clip from moving torch. The project's other dependencies are read from
-# pyproject.toml (its torch pin left out), then the project itself goes in without dependencies.
+# pyproject.toml (its torch range left out), then the project itself goes in without dependencies.
 ENC_VENV := .venv-encoders
 ENC_BIN := $(ENC_VENV)/bin
 ENC_STAMP := $(ENC_VENV)/.gcmoe-installed

@@ -142,6 +142,7 @@ def run(path: str, threads: int, batch_size: int) -> dict:
     import torch
 
     from gcmoe.data.sample import Sample
+    from gcmoe.config import FeatureConfig
     from gcmoe.features import create_encoder, extract_features_with_stats
 
     torch.set_num_threads(threads)
@@ -151,15 +152,15 @@ def run(path: str, threads: int, batch_size: int) -> dict:
     with torch.inference_mode():  # warm-up: oneDNN builds its kernels on the first call of each shape
         encoder(torch.ones(batch_size, 3, encoder.config.tile_size, encoder.config.tile_size))
     rss_before = peak_rss_mb()
-    _, cold = extract_features_with_stats(sample, encoder, batch_size=batch_size, progress=False)
-    warm = [extract_features_with_stats(sample, encoder, batch_size=batch_size, progress=False) for _ in range(3)]
+    _, cold = extract_features_with_stats(sample, FeatureConfig(batch_size=batch_size), encoder=encoder, progress=False)
+    warm = [extract_features_with_stats(sample, FeatureConfig(batch_size=batch_size), encoder=encoder, progress=False) for _ in range(3)]
     features, stats = sorted(warm, key=lambda r: r.stats.seconds)[1]  # the median of three
     rss_after = peak_rss_mb()
     cache = Path(path).parent / "cache"
-    _, miss = extract_features_with_stats(sample, encoder, cache_dir=cache, batch_size=batch_size, progress=False)
+    _, miss = extract_features_with_stats(sample, FeatureConfig(cache_dir=cache, batch_size=batch_size), encoder=encoder, progress=False)
     hits = []
     for _ in range(3):
-        cached, hit = extract_features_with_stats(sample, encoder, cache_dir=cache, progress=False)
+        cached, hit = extract_features_with_stats(sample, FeatureConfig(cache_dir=cache), encoder=encoder, progress=False)
         hits.append(hit.seconds)
     if not (hit.cache_hit and cached.shape == features.shape):
         raise RuntimeError("the cache did not hit")

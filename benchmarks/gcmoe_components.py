@@ -47,8 +47,10 @@ class Bench:
 
 def setup(seed: int, threads: int, cache: Path, max_epochs: int) -> Bench:
     from gcmoe.config import TissueConfig
-    from gcmoe.data.genes import compute_targets, select_genes
+    from gcmoe.data.genes import select_genes
+    from gcmoe.data.normalisation import compute_targets
     from gcmoe.data.splits import make_folds
+    from gcmoe.models import get_model_entry
     from gcmoe.pipeline import demo_config, prepare_run
 
     config = demo_config(cache / "run")
@@ -56,7 +58,7 @@ def setup(seed: int, threads: int, cache: Path, max_epochs: int) -> Bench:
     config.features.cache_dir = str(cache / "cache")
     config.train.num_threads = threads
     config.train.max_epochs = max_epochs
-    run = prepare_run(config, cache / "run", {"cell_types", "neighbours", "coexpression"}, progress=False)
+    run = prepare_run(config, cache / "run", get_model_entry("gcmoe").inputs, progress=False)
     p = run.pooled
     folds = make_folds(p.sample_ids, p.xy, config.cv.scheme, config.cv.n_folds, config.train.val_fraction,
                        config.train.seed)

@@ -71,7 +71,8 @@ def train(path: Path, mode: str, epochs: int, threads: int | None, device: str =
     from gcmoe.config import TrainConfig
     from gcmoe.models.gcmoe import GCMoE
     from gcmoe.training.streaming import CellStore, StreamingCells
-    from gcmoe.training.trainer import CellData, fit
+    from gcmoe.training.cells import CellData
+    from gcmoe.training.trainer import fit
 
     store = CellStore(path)
     n, dim = store.n_cells, store.meta["feature_dim"]

@@ -1,7 +1,8 @@
 """The model suite: GC-MoE, its ablations and ST-Net* over tissues that differ where the default tissue is uniform.
 
 Tissues (each written as a Sample .h5ad + H&E TIFF + reference .h5ad, then run as a user would, through
-`gcmoe.pipeline.run_cv` with `data.source: samples`, 5 vertical strips, top-50 HVG, the default trainer):
+`gcmoe.pipeline.run_cv` with `data.source: samples`, 5 vertical strips, top-50 HVG, the package's trainer with
+early-stopping patience 20, `--patience`, so that the suite fits in about an hour on 2 cores):
 
 | tissue | what differs |
 |---|---|
@@ -22,7 +23,9 @@ The real tissue needs GHIST's public demo expression (https://github.com/SydneyB
 expr_mat_breast_demo.csv, cell_types_breast_demo.csv, nuclei_sizes_breast_demo.csv; GPL-3.0): pass the
 folder with --ghist-demo or GCMOE_GHIST_DEMO; without it that tissue is skipped and the output says so.
 
-Run (alone: two torch processes on 2 cores slow each other many times over):
+Run (alone on the machine; GC-MoE and the other models train in separate runs, so two processes, one with
+`--models gcmoe` and one with the rest, `OMP_NUM_THREADS=1` each, share 2 cores well, and a change of GC-MoE's
+settings reruns GC-MoE alone; `--collect` then summarises every finished run):
     .venv/bin/python benchmarks/suite.py --ghist-demo ~/GHIST/data_demo [--seeds 0,1,2] [--out /tmp/gcmoe_suite]
 """
 
@@ -63,7 +66,7 @@ FULL = "GC-MoE"
 def build_tissue(name: str, data_dir: Path, ghist: Path | None) -> tuple[Path, Path] | None:
     """Write tissue ``name`` (Sample .h5ad + image, reference .h5ad) under ``data_dir`` once; its paths."""
     from gcmoe.config import TissueConfig
-    from gcmoe.pipeline import write_h5ad
+    from gcmoe.files import write_h5ad
 
     fields, _ = TISSUES[name]
     sample_path, ref_path = data_dir / name / f"{name}.h5ad", data_dir / name / "reference.h5ad"
@@ -89,27 +92,38 @@ def build_tissue(name: str, data_dir: Path, ghist: Path | None) -> tuple[Path, P
 
 
 def run_tissue(name: str, paths: tuple[Path, Path], seed: int, models: list[str], out: Path,
-               model_params: dict) -> dict:
+               model_params: dict, run: bool = True, patience: int = 20) -> dict | None:
     """`gcmoe cv` runs of ``models`` on a written tissue with trainer seed ``seed``, merged into one results mapping.
 
     GC-MoE runs apart from the other models (``runs/<tissue>/seed<k>/<group>/``), so a change of its settings
-    reruns it alone; every run's results.json is reused when present.
+    reruns it alone; every run's results.json is reused when present. With ``run`` False, only finished runs
+    are read: None when one is missing.
     """
     groups = [[m for m in models if m != "gcmoe"], [m for m in models if m == "gcmoe"]]
     merged: dict = {}
     for group in (g for g in groups if g):
-        merged = _merge(merged, _run_group(name, paths, seed, group, out, model_params))
+        results = _run_group(name, paths, seed, group, out, model_params, run, patience)
+        if results is None:
+            return None
+        merged = _merge(merged, results)
     return merged
 
 
 def _run_group(name: str, paths: tuple[Path, Path], seed: int, models: list[str], out: Path,
-               model_params: dict) -> dict:
+               model_params: dict, run: bool = True, patience: int = 20) -> dict | None:
     from gcmoe.config import RunConfig
     from gcmoe.pipeline import run_cv
 
     run_dir = out / "runs" / name / f"seed{seed}" / ("gcmoe" if models == ["gcmoe"] else "others")
     if (run_dir / "results.json").is_file():
+        import yaml
+
+        ran_with = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["patience"]
+        if ran_with != patience:
+            raise SystemExit(f"{run_dir} ran with patience {ran_with}, not {patience}: use another --out")
         return json.loads((run_dir / "results.json").read_text())
+    if not run:
+        return None
     config = RunConfig(out=str(run_dir), models=models, model_params=model_params)
     config.data.source = "samples"
     config.data.samples = [str(paths[0])]
@@ -117,6 +131,7 @@ def _run_group(name: str, paths: tuple[Path, Path], seed: int, models: list[str]
     config.data.name = name
     config.features.cache_dir = str(out / "cache")
     config.train.seed = seed
+    config.train.patience = patience
     return run_cv(config, progress=False)
 
 
@@ -199,7 +214,7 @@ def summarise(runs: dict[str, dict[int, dict]], oracle: dict[str, dict[str, list
     return summary
 
 
-def markdown(summary: dict, command: str, wall: dict, skipped: list[str]) -> str:
+def markdown(summary: dict, command: str, wall: dict, skipped: list[str], patience: int) -> str:
     names = list(summary)
     methods = list(dict.fromkeys(m for s in summary.values() for m in s["models"]))
     head = "| Method | " + " | ".join(names) + " |\n|---|" + "|".join([":---:"] * len(names)) + "|\n"
@@ -235,14 +250,14 @@ def markdown(summary: dict, command: str, wall: dict, skipped: list[str]) -> str
     tissue_lines = "\n".join(f"- `{n}`: {TISSUES[n][1]}; TissueConfig "
                              + ", ".join(f"{k}={v}" for k, v in TISSUES[n][0].items())
                              + f"; {summary[n]['n_cells']} cells" for n in names)
-    seeds = sorted({s for v in summary.values() for s in v["seeds"]})
+    seeds = {n: v["seeds"] for n, v in summary.items()}
     return (
         "# Model suite\n\n"
         f"Command: `{command}` (2 CPU cores). Run time per tissue (all seeds; features, folds, models): "
         + ", ".join(f"{n} {s:.0f} s" for n, s in wall.items())
         + f"; total {sum(wall.values()):.0f} s.\n\n"
-        f"Seeds {seeds}; 5 vertical strips; top-50 HVG of each fold's training cells; the default trainer "
-        "(Adam, batch 1,024, early stopping with patience 50 on spatial validation blocks).\n\n"
+        f"Trainer seeds per tissue: {seeds}; 5 vertical strips; top-50 HVG of each fold's training cells; the default trainer "
+        f"(Adam, batch 1,024, early stopping with patience {patience} on spatial validation blocks).\n\n"
         + tissue_lines + "\n"
         + (f"\nSkipped: {', '.join(skipped)} (no --ghist-demo folder).\n" if skipped else "")
         + "\n## Mean PCC over folds and seeds (± sd over folds of the seed-mean)\n\n" + head + "\n".join(rows)
@@ -263,6 +278,10 @@ def main() -> None:
                     help="GHIST's data_demo/ folder (real Xenium breast expression)")
     ap.add_argument("--model-params", default="{}", help="JSON: per model name, settings for its factory")
     ap.add_argument("--name", default="suite", help="results file stem under benchmarks/results/")
+    ap.add_argument("--patience", type=int, default=20,
+                    help="early-stopping patience (the package's default, 50, needs about twice the time)")
+    ap.add_argument("--collect", action="store_true",
+                    help="run nothing: summarise the finished runs under --out (a seed counts where all models ran)")
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -273,20 +292,31 @@ def main() -> None:
     oracle: dict[str, dict] = {}
     wall: dict[str, float] = {}
     skipped = []
-    for name in [t.strip() for t in args.tissues.split(",") if t.strip()]:
-        paths = build_tissue(name, out / "data", ghist)
-        if paths is None:
+    names = [t.strip() for t in args.tissues.split(",") if t.strip()]
+    paths = {}
+    for name in names:
+        found = build_tissue(name, out / "data", ghist)
+        if found is None:
             skipped.append(name)
+        else:
+            paths[name] = found
+    for seed in seeds:  # seed after seed over all tissues, so an interrupted suite has every tissue at least once
+        for name, found in paths.items():
+            result = run_tissue(name, found, seed, models, out, json.loads(args.model_params), run=not args.collect,
+                                patience=args.patience)
+            if result is not None:
+                runs.setdefault(name, {})[seed] = result
+                print(f"{name} seed {seed}: {result['seconds']['total']:.0f} s", flush=True)
+    for name, found in paths.items():
+        if name not in runs:
             continue
-        runs[name] = {s: run_tissue(name, paths, s, models, out, json.loads(args.model_params)) for s in seeds}
-        oracle[name] = oracles(paths[0], next((out / "runs" / name / f"seed{seeds[0]}").iterdir()))
+        oracle[name] = oracles(found[0], next((out / "runs" / name / f"seed{seeds[0]}").iterdir()))
         # a run's own clock (features, folds, models), so runs reused from an earlier call count too
         wall[name] = round(sum(r["seconds"]["total"] for r in runs[name].values()), 1)
-        print(f"{name}: {wall[name]:.0f} s", flush=True)
     summary = summarise(runs, oracle)
     command = "python " + " ".join(sys.argv)
-    write(args.name, {"tissues": {n: TISSUES[n][0] for n in runs}, "seeds": seeds, "models": models,
-                      "wall_seconds": wall, "skipped": skipped, "summary": summary}, markdown(summary, command, wall, skipped))
+    write(args.name, {"tissues": {n: TISSUES[n][0] for n in runs}, "seeds": {n: sorted(r) for n, r in runs.items()}, "models": models,
+                      "wall_seconds": wall, "skipped": skipped, "summary": summary}, markdown(summary, command, wall, skipped, args.patience))
 
 
 if __name__ == "__main__":

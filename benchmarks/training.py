@@ -26,7 +26,8 @@ def one(n_cells: int, dim: int, n_genes: int, epochs: int, model: str) -> dict:
 
     from gcmoe.config import TrainConfig
     from gcmoe.models import create_model
-    from gcmoe.training.trainer import CellData, fit, seed_everything
+    from gcmoe.pipeline.inputs import cell_data
+    from gcmoe.training.trainer import fit, seed_everything
 
     from gcmoe.features.neighbours import window_neighbours
     from gcmoe.models import get_model_entry
@@ -35,38 +36,25 @@ def one(n_cells: int, dim: int, n_genes: int, epochs: int, model: str) -> dict:
     x = rng.normal(size=(n_cells, dim)).astype(np.float32)
     w = rng.normal(size=(dim, n_genes)).astype(np.float32) / np.sqrt(dim)
     y = (np.tanh(x @ w) + 0.5 * rng.normal(size=(n_cells, n_genes))).astype(np.float32)
-    needs = get_model_entry(model).needs
-    extra, params = {}, {}
-    m = create_model(model, dim, n_genes, **params) if needs & {"windows", "context"} else None  # its geometry
-    if needs & {"neighbours", "windows", "context"}:
-        # cells scattered at breast-tissue density (~1 per 100 um^2): about 30 of 32 window slots filled
-        side = np.sqrt(n_cells * 100.0)
-        pos = rng.uniform(0, side, size=(n_cells, 2))
-        extra["positions"] = torch.from_numpy(pos.astype(np.float32))
-    if "neighbours" in needs:
-        extra["neighbours"] = torch.from_numpy(window_neighbours(pos, 64.0, 32))
-    if "windows" in needs:
-        from gcmoe.features.context import tile_windows
-
-        extra["windows"] = tile_windows(pos, m.window_um, m.max_window_cells)
-    if "context" in needs:
-        from gcmoe.features.context import context_grid
-
-        extra["context"] = context_grid(pos, m.context_um, m.context_size)
-    if "targets" in needs:
-        extra["targets_as_input"] = True
-    if "cell_types" in needs:
-        extra["cell_type"] = torch.from_numpy(rng.integers(0, 4, n_cells))
-    if "coexpression" in needs:
+    inputs = get_model_entry(model).inputs
+    params = {}
+    # cells scattered at breast-tissue density (~1 per 100 um^2): about 30 of 32 window slots filled
+    side = np.sqrt(n_cells * 100.0)
+    pos = rng.uniform(0, side, size=(n_cells, 2)) if inputs.positions else np.zeros((n_cells, 2))
+    cell_type = torch.from_numpy(rng.integers(0, 4, n_cells)) if inputs.cell_types else None
+    if inputs.coexpression:
         params["adjacency"] = torch.from_numpy((rng.random((4, n_genes, n_genes)) < 0.05).astype(np.float32))
-    data = CellData(torch.from_numpy(x), torch.from_numpy(y), **extra)
+    nbr = torch.from_numpy(window_neighbours(pos, 64.0, 32)) if inputs.neighbours else None
+    geometry = create_model(model, dim, n_genes, **params).input_geometry()
+    data = cell_data(inputs, geometry, torch.from_numpy(x), torch.from_numpy(y), pos, [], neighbours=nbr,
+                     cell_type=cell_type)
     idx = np.arange(n_cells)
     n_val = max(n_cells // 10, 2)
     seed_everything(0)
     m = create_model(model, dim, n_genes, **params)
     res = fit(m, data, idx[n_val:], idx[:n_val], TrainConfig(max_epochs=epochs, patience=epochs + 1))
     n_params = sum(p.numel() for p in m.parameters())
-    mean_neighbours = float((extra["neighbours"] >= 0).sum(1).float().mean()) if "neighbours" in extra else 0.0
+    mean_neighbours = float((nbr >= 0).sum(1).float().mean()) if nbr is not None else 0.0
     return {"n_cells": n_cells, "train_cells_per_s": round(res.train_cells_per_s), "epochs": res.epochs_run,
             "mean_neighbours": round(mean_neighbours, 1),
             "seconds_total": round(res.seconds, 2), "peak_rss_mb": round(peak_rss_mb(), 1), "parameters": n_params,

@@ -37,3 +37,17 @@ def tiny_run(tmp_path_factory):
     cfg.cv.n_folds = 3
     run_cv(cfg, progress=False)
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA device: where there is none they are skipped, with the reason."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (tests marked gpu)")
+    for item in gpu_items:
+        item.add_marker(skip)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -30,8 +32,8 @@ def test_tiled_and_untiled_predictions_agree(tmp_path, monkeypatch, model):
     tiles = {}
 
     def with_tile_size(size):
-        def extract(sample, *args, **kwargs):
-            result = features.extract_features_with_stats(sample, *args, **(kwargs | {"tile_size": size}))
+        def extract(sample, config, **kwargs):
+            result = features.extract_features_with_stats(sample, replace(config, tile_size=size), **kwargs)
             tiles[size] = result.stats.tiles_run
             return result.features
 

@@ -86,7 +86,7 @@ def test_baselines_train_save_and_reload(tmp_path, name):
     from gcmoe.models import get_model_entry
 
     entry = get_model_entry(name)
-    run = prepare_run(cfg, tmp_path, set(entry.needs), progress=False)
+    run = prepare_run(cfg, tmp_path, entry.inputs, progress=False)
     n = len(run.pooled.sample_ids)
     _, _, data = build_model(entry, run, meta["genes"], cfg, torch.zeros(n, 20))
     pred = predict(model, data, np.arange(n))

@@ -30,7 +30,7 @@ def _config(out, models, stream=True):
 def _two_slides(tmp_path, cfg):
     """``cfg`` reading two small virtual slides from Sample .h5ad files (leave one slide out)."""
     from gcmoe.data.virtual_tissue import simulate_tissue
-    from gcmoe.pipeline import write_h5ad
+    from gcmoe.files import write_h5ad
 
     paths = []
     for seed in (3, 4):
@@ -44,10 +44,11 @@ def _two_slides(tmp_path, cfg):
 
 @pytest.mark.parametrize("slides", [1, 2])
 def test_the_store_holds_the_in_memory_data(tmp_path, small_chunks, slides):
-    from gcmoe.data.genes import compute_targets
+    from gcmoe.data.normalisation import compute_targets
+    from gcmoe.models.inputs import ModelInputs
     from gcmoe.pipeline import prepare_run
 
-    needs = {"neighbours", "cell_types", "coexpression"}
+    needs = ModelInputs(neighbours=True, cell_types=True, coexpression=True)
     configs = [_config(tmp_path / "m", ["gcmoe"], stream=False), _config(tmp_path / "s", ["gcmoe"])]
     if slides == 2:
         configs = [_two_slides(tmp_path, c) for c in configs]
@@ -88,7 +89,7 @@ def test_cv_streams_and_predicts_in_the_pooled_order(tmp_path, small_chunks, cap
     fold = anndata.read_h5ad(next(iter(sorted((tmp_path / "predictions").glob("*.h5ad")))))
     model, meta = load_model(tmp_path / "models" / "gcmoe")
     memory_cfg = _config(tmp_path / "m", ["gcmoe"], stream=False)
-    run = prepare_run(memory_cfg, tmp_path / "m", {"neighbours", "cell_types", "coexpression"}, progress=False)
+    run = prepare_run(memory_cfg, tmp_path / "m", get_model_entry("gcmoe").inputs, progress=False)
     n = len(run.pooled.sample_ids)
     _, _, data = build_model(get_model_entry("gcmoe"), run, meta["genes"], memory_cfg, torch.zeros(n, 12))
     position = {c: i for i, c in enumerate(run.pooled.samples[0].adata.obs_names)}

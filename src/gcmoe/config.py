@@ -22,7 +22,7 @@ PAPER_CELL_TYPES = ("neoplastic", "inflammatory", "connective", "epithelial")
 
 @dataclass
 class TissueConfig:
-    """The virtual tissue (DESIGN section 4). Deterministic given these values."""
+    """The virtual tissue (docs/virtual_tissue.md). Deterministic given these values."""
 
     seed: int = 0
     n_cells: int = 10_000  # cells placed in the tissue
@@ -44,7 +44,7 @@ class TissueConfig:
 
 @dataclass
 class FeatureConfig:
-    """Image features at cell centres (DESIGN section 7)."""
+    """Image features at cell centres (docs/features.md)."""
 
     encoder: str = "morphology"  # a name from `gcmoe.features.list_encoders()`
     weights: str | None = None  # local weights file for foundation-model encoders; never downloaded
@@ -236,8 +236,6 @@ def save_config(config: Any, path: str | os.PathLike) -> Path:
     """Write the resolved settings as YAML, atomically."""
     import yaml
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    from gcmoe.files import write_text
+
+    return write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -26,6 +26,7 @@ import numpy as np
 from gcmoe import __version__
 from gcmoe._constants import Key
 from gcmoe.errors import InvalidSampleError
+from gcmoe.files import plain_values, write_h5ad
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +56,18 @@ def predict_slide(
     import pandas as pd
     import torch
 
+    from gcmoe.config import FeatureConfig
     from gcmoe.data.cells import read_cell_centres
     from gcmoe.data.detection import detect_nuclei
     from gcmoe.data.image import open_image
     from gcmoe.data.readers import resolve_image_mpp
     from gcmoe.data.sample import Sample
     from gcmoe.features import extract_features
-    from gcmoe.features.context import context_grid, tile_windows
     from gcmoe.features.neighbours import window_neighbours
     from gcmoe.models import get_model_entry
-    from gcmoe.pipeline import write_h5ad
+    from gcmoe.pipeline.inputs import cell_data
     from gcmoe.training.checkpoint import load_model
-    from gcmoe.training.trainer import CellData, collect, predict
+    from gcmoe.training.trainer import collect, predict
 
     out = Path(out)
     if out.suffix != ".h5ad":
@@ -76,9 +77,10 @@ def predict_slide(
     model, meta = load_model(model_dir, device=device)
     image = open_image(slide)
     mpp, _ = resolve_image_mpp(slide, mpp, Path(slide).stem)
-    needs = get_model_entry(meta["model"]).needs
+    inputs = get_model_entry(meta["model"]).inputs
+    geometry = model.input_geometry()
     # a raw-pixel model (GHIST*) reads the slide at its own working pixel size and uses no encoder features
-    target_mpp = float(model.mpp) if "pixels" in needs else float(meta["encoder"]["target_mpp"])
+    target_mpp = float(geometry.pixels.mpp) if inputs.pixels else float(meta["encoder"]["target_mpp"])
     factor = mpp / target_mpp
     if not 1 / MAX_RESAMPLING <= factor <= MAX_RESAMPLING:
         raise InvalidSampleError(
@@ -99,40 +101,32 @@ def predict_slide(
         np.zeros((len(xy), 0), dtype=np.float32), xy, image, mpp, [], Path(slide).stem, cell_ids=ids,
         provenance={"slide": str(slide), "cells": source},
     )
-    if "pixels" in needs:
+    if inputs.pixels:
         feats = np.zeros((len(xy), int(meta["in_dim"])), dtype=np.float32)
     else:
-        feats = extract_features(sample, meta["encoder"]["name"], cache_dir=cache_dir, batch_size=batch_size, device=device,
-                                 progress=progress, weights=meta["encoder"].get("weights"))
+        settings = FeatureConfig(encoder=meta["encoder"]["name"], weights=meta["encoder"].get("weights"),
+                                 batch_size=batch_size, device=device, cache_dir=None if cache_dir is None else str(cache_dir))
+        feats = extract_features(sample, settings, progress=progress)
     if feats.shape[1] != meta["in_dim"]:
         raise InvalidSampleError(f"the encoder gave {feats.shape[1]} features, the model expects {meta['in_dim']}")
     xy_um = sample.spatial * mpp
-    extra = {}
-    if "neighbours" in needs:
+    neighbours = None
+    if inputs.neighbours:
         nb = meta["neighbours"]
-        extra["neighbours"] = torch.from_numpy(window_neighbours(xy_um, nb["window_um"], nb["max_neighbours"]))
-    if "windows" in needs:
-        extra["windows"] = tile_windows(xy_um, model.window_um, model.max_window_cells)
-    if "context" in needs:
-        extra["context"] = context_grid(xy_um, model.context_um, model.context_size)
-    if needs & {"neighbours", "windows", "context"}:
-        extra["positions"] = torch.from_numpy(xy_um.astype(np.float32))
-    if "pixels" in needs:
-        from gcmoe.features.pixel_tiles import build_pixel_tiles
-
-        extra["pixels"] = build_pixel_tiles([image], [mpp], [sample.spatial], **model.tile_geometry())
-    data = CellData(torch.from_numpy(feats), torch.zeros(len(xy), 0), **extra)
+        neighbours = torch.from_numpy(window_neighbours(xy_um, nb["window_um"], nb["max_neighbours"]))
+    data = cell_data(inputs, geometry, torch.from_numpy(feats), torch.zeros(len(xy), 0), xy_um, [sample],
+                     neighbours=neighbours)
     idx = np.arange(len(xy))
     prediction = predict(model, data, idx)
     adata = anndata.AnnData(X=prediction.astype(np.float32), obs=pd.DataFrame(index=pd.Index(ids, dtype=str)))
     adata.var_names = pd.Index(meta["genes"])
     adata.obsm[Key.SPATIAL] = sample.spatial
     types = list(meta.get("cell_types") or [])
-    if getattr(model, "moe", False):
-        routing = collect(model, data, idx, lambda m, b: m.compute(**b).routing)
+    if model.routes:
+        routing = collect(model, data, idx, lambda m, b: m.routing(**b))
         adata.obsm["routing"] = routing.astype(np.float32)
         adata.obs["expert"] = pd.Categorical.from_codes(routing.argmax(axis=1), categories=types)
-    adata.uns[Key.UNS] = _h5ad_safe({
+    adata.uns[Key.UNS] = plain_values({
         "model": {k: meta[k] for k in ("model", "display_name", "genes", "encoder", "training_data", "metrics")
                   if k in meta},
         "routing_types": types,
@@ -142,16 +136,8 @@ def predict_slide(
         "cells": source,
         "gcmoe_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
+    }, h5ad=True)
     write_h5ad(adata, out)
     log.info("predicted %d genes for %d cells; wrote %s", adata.n_vars, adata.n_obs, out)
     return adata
 
-
-def _h5ad_safe(value):
-    """Drop None (h5ad cannot store it) and turn tuples into lists, recursively."""
-    if isinstance(value, dict):
-        return {str(k): _h5ad_safe(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [_h5ad_safe(v) for v in value if v is not None]
-    return value

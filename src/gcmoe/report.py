@@ -20,6 +20,7 @@ from typing import Any
 
 from gcmoe import __version__
 from gcmoe.errors import GcmoeError
+from gcmoe.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +104,7 @@ def write_report(
         parts.append(f'<h2 id="config">Settings</h2><details><summary>config.yaml</summary><pre>{_e(config.read_text())}'
                      "</pre></details>")
     parts += ["</body>", "</html>"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    write_text(out, "\n".join(parts) + "\n")
     return out
 
 
@@ -163,10 +161,7 @@ def write_prediction_report(prediction: str | os.PathLike, out: str | os.PathLik
               f'<img src="data:image/png;base64,{png}" alt="Maps on the H&amp;E"><figcaption>The H&amp;E, the expert '
               "each cell is routed to, and the predicted expression of the most variable genes (own colour scale "
               "per panel).</figcaption></figure></section>", "</body>", "</html>"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    write_text(out, "\n".join(parts) + "\n")
     return out
 
 

@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,13 +29,11 @@ if TYPE_CHECKING:
     from gcmoe.features.registry import Encoder
     from gcmoe.training.streaming import CellStore
 
-__all__ = ["STREAMABLE_NEEDS", "RunStore", "build_run_store"]
+__all__ = ["RunStore", "build_run_store"]
 
 log = logging.getLogger(__name__)
 
 STORE_DIR = "cells"
-# what a model may need and still train from a cell store's buffers (the rest needs all cells in memory)
-STREAMABLE_NEEDS = frozenset({"neighbours", "cell_types", "coexpression"})
 
 
 @dataclass
@@ -56,7 +54,7 @@ def build_run_store(cache_dir: Path, samples: list, genes: list[str], counts, ro
     label code (-1 unknown) or None; ``encoder``: the run's encoder instance (used for slides not yet cached).
     """
     from gcmoe.config import to_dict
-    from gcmoe.data.genes import compute_targets
+    from gcmoe.data.normalisation import compute_targets
     from gcmoe.features import extract_features
     from gcmoe.features.cache import FeatureCache
     from gcmoe.features.neighbours import cached_window_neighbours
@@ -96,8 +94,8 @@ def build_run_store(cache_dir: Path, samples: list, genes: list[str], counts, ro
         # one slide's features in memory at a time, float16 as cached (extracted first when not cached yet)
         feats = cache.load(s, enc_config, dtype=np.float16)
         if feats is None:  # extraction with a cache returns the float16 values it cached: the cast is exact
-            feats = extract_features(s, encoder, cache_dir=cache_dir, batch_size=f.batch_size, device=f.device,
-                                     progress=progress, tile_size=f.tile_size).astype(np.float16)
+            feats = extract_features(s, replace(f, cache_dir=str(cache_dir)), encoder=encoder,
+                                     progress=progress).astype(np.float16)
         if writer is None:
             writer = CellStoreWriter(path, n, feats.shape[1], list(genes), m, list(routing_types), chunk)
         nbr = cached_window_neighbours(s.spatial * s.mpp, config.neighbours.window_um, m, cache_dir, s.sample_id)

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from gcmoe.config import TargetConfig
-from gcmoe.data.genes import compute_targets, select_genes, sparse_targets
+from gcmoe.data.genes import select_genes
+from gcmoe.data.normalisation import compute_targets, sparse_targets
 from gcmoe.errors import InvalidSampleError
 
 

@@ -19,6 +19,7 @@ from gcmoe.data.readers import detect_format, read_h5ad, read_polygons, read_sam
 from gcmoe.data.readers.polygons import PolygonIndex, Polygons, wkb_exterior
 from gcmoe.errors import ImageReadError, InvalidSampleError
 
+# real data beside the project (../shared/realdata from its root); GCMOE_REALDATA overrides
 REALDATA = Path(os.environ.get("GCMOE_REALDATA", Path(__file__).resolve().parents[2].parent / "shared" / "realdata"))
 
 

@@ -264,7 +264,7 @@ def test_cv_end_to_end_on_a_hest_folder(tmp_path, tissue):
     from typer.testing import CliRunner
 
     from gcmoe.cli import app
-    from gcmoe.pipeline import write_h5ad
+    from gcmoe.files import write_h5ad
 
     root = tmp_path / "hest"
     write_hest_folder(root, tissue.sample)

@@ -14,12 +14,8 @@ import torch
 from gcmoe.errors import ConfigError, GcmoeError
 from gcmoe.features import create_encoder, list_encoders
 from gcmoe.features import registry
-from gcmoe.features.foundation import (
-    EncoderWeightsError,
-    MissingExtraError,
-    default_margin,
-    load_weights_file,
-)
+from gcmoe.features.foundation import default_margin
+from gcmoe.features.weights import EncoderWeightsError, MissingExtraError, load_weights_file
 
 
 def test_foundation_names_are_listed_and_need_weights():

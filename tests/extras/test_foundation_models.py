@@ -21,10 +21,11 @@ open_clip = pytest.importorskip("open_clip", reason="needs timm/open_clip: run m
 from safetensors.torch import save_file  # noqa: E402
 
 from gcmoe.config import TissueConfig  # noqa: E402
+from gcmoe.config import FeatureConfig  # noqa: E402
 from gcmoe.features import create_encoder, extract_features, extract_features_with_stats  # noqa: E402
 from gcmoe.features import foundation  # noqa: E402
-from gcmoe.features.foundation import EncoderWeightsError  # noqa: E402
-from gcmoe.features.registry import file_sha256  # noqa: E402
+from gcmoe.features.weights import EncoderWeightsError  # noqa: E402
+from gcmoe.files import file_sha256  # noqa: E402
 
 pytestmark = pytest.mark.encoders
 
@@ -289,20 +290,20 @@ def test_extract_features_with_a_timm_vit(vit_tiny_file, tmp_path):
     _, state, path = vit_tiny_file
     sample = simulate_tissue(TissueConfig(n_cells=200, height=400, width=400)).sample
     name = "timm:vit_tiny_patch16_224"
-    feats, stats = extract_features_with_stats(sample, name, weights=path, tile_size=160, batch_size=3)
+    feats, stats = extract_features_with_stats(sample, FeatureConfig(encoder=name, weights=path, tile_size=160, batch_size=3))
     assert feats.shape == (sample.n_cells, 192) and feats.dtype == np.float32
     assert np.isfinite(feats).all()
     assert np.std(feats, axis=0).mean() > 1e-3  # cells differ
     assert 0 < stats.tiles_run <= stats.tiles_total and stats.encoder_passes == -(-stats.tiles_run // 3)
 
-    cached = extract_features(sample, name, weights=path, tile_size=160, cache_dir=tmp_path / "cache")
+    cached = extract_features(sample, FeatureConfig(encoder=name, weights=path, tile_size=160, cache_dir=tmp_path / "cache"))
     np.testing.assert_allclose(cached, feats, rtol=2e-3, atol=2e-3)  # float16 cache
-    again, hit = extract_features_with_stats(sample, name, weights=path, tile_size=160, cache_dir=tmp_path / "cache")
+    again, hit = extract_features_with_stats(sample, FeatureConfig(encoder=name, weights=path, tile_size=160, cache_dir=tmp_path / "cache"))
     np.testing.assert_array_equal(again, cached)
     assert hit.cache_hit and hit.tiles_run == 0
 
     other = tmp_path / "other.safetensors"
     save_file({k: v + 0.01 for k, v in state.items()}, str(other))
-    changed = extract_features(sample, name, weights=other, tile_size=160, cache_dir=tmp_path / "cache")
+    changed = extract_features(sample, FeatureConfig(encoder=name, weights=other, tile_size=160, cache_dir=tmp_path / "cache"))
     assert not np.allclose(changed, cached)  # new weights, new cache entry
     assert len(list((tmp_path / "cache").rglob("meta.json"))) == 2

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from gcmoe.config import FeatureConfig
 from gcmoe.errors import FeatureCacheError
 from gcmoe.features import FeatureCache, cache_key, extract_features_with_stats
 
@@ -18,10 +19,10 @@ def small(paint_he, sample_of):
 
 def test_round_trip_hit_skips_the_encoder(small, box_encoder, tmp_path):
     enc = box_encoder()
-    first, stats = extract_features_with_stats(small, enc, cache_dir=tmp_path, progress=False)
+    first, stats = extract_features_with_stats(small, FeatureConfig(cache_dir=tmp_path), encoder=enc, progress=False)
     calls = enc.calls
     assert calls > 0 and not stats.cache_hit and stats.cache_path
-    second, hit = extract_features_with_stats(small, enc, cache_dir=tmp_path, progress=False)
+    second, hit = extract_features_with_stats(small, FeatureConfig(cache_dir=tmp_path), encoder=enc, progress=False)
     assert enc.calls == calls, "the encoder ran on a cache hit"
     assert hit.cache_hit and hit.tiles_run == 0 and hit.cache_path == stats.cache_path
     np.testing.assert_array_equal(first, second)
@@ -32,7 +33,7 @@ def test_round_trip_hit_skips_the_encoder(small, box_encoder, tmp_path):
 
 def test_layout_and_metadata(small, box_encoder, tmp_path):
     enc = box_encoder()
-    _, stats = extract_features_with_stats(small, enc, cache_dir=tmp_path, progress=False)
+    _, stats = extract_features_with_stats(small, FeatureConfig(cache_dir=tmp_path), encoder=enc, progress=False)
     entry = FeatureCache(tmp_path).path(small, enc.config)
     assert str(entry) == stats.cache_path
     assert entry.parent == tmp_path / "features" / "small_slide_1"  # sample id made safe for the file system
@@ -51,8 +52,8 @@ def test_key_changes_with_encoder_config_and_cells(small, box_encoder, sample_of
     assert cache.path(small, a.config) != cache.path(small, b.config)
     moved = sample_of(small.image.read_region(0, 0, 150, 100), small.spatial[::-1].copy(), sample_id=small.sample_id)
     assert cache.path(small, a.config) != cache.path(moved, a.config)
-    extract_features_with_stats(small, a, cache_dir=tmp_path, progress=False)
-    _, stats = extract_features_with_stats(small, a, cache_dir=tmp_path, progress=False, tile_size=128)
+    extract_features_with_stats(small, FeatureConfig(cache_dir=tmp_path), encoder=a, progress=False)
+    _, stats = extract_features_with_stats(small, FeatureConfig(cache_dir=tmp_path, tile_size=128), encoder=a, progress=False)
     assert not stats.cache_hit, "a different tile size must not hit the entry of another"
 
 
@@ -74,11 +75,11 @@ def _corrupt_chunk(entry):
 )
 def test_corruption_is_detected(small, box_encoder, tmp_path, damage):
     enc = box_encoder()
-    extract_features_with_stats(small, enc, cache_dir=tmp_path, progress=False)
+    extract_features_with_stats(small, FeatureConfig(cache_dir=tmp_path), encoder=enc, progress=False)
     entry = FeatureCache(tmp_path).path(small, enc.config)
     damage(entry)
     with pytest.raises(FeatureCacheError, match="delete"):
-        extract_features_with_stats(small, enc, cache_dir=tmp_path, progress=False)
+        extract_features_with_stats(small, FeatureConfig(cache_dir=tmp_path), encoder=enc, progress=False)
 
 
 def test_checksum_mismatch_and_tampered_metadata(small, box_encoder, tmp_path):

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from gcmoe.config import FeatureConfig
 from gcmoe.errors import ConfigError
 from gcmoe.features import create_encoder, extract_features, extract_features_with_stats
 
@@ -29,8 +30,8 @@ def test_tiled_equals_one_big_tile(paint_he, sample_of):
     nuclei = _nuclei(rng, 150, shape)
     image = paint_he(shape, nuclei, lumens=[(450, 300, 50)], noise=0.05)
     sample = sample_of(image, nuclei[:, :2])
-    tiled, stats = extract_features_with_stats(sample, tile_size=256, progress=False, batch_size=3)
-    whole, one = extract_features_with_stats(sample, tile_size=832, progress=False)
+    tiled, stats = extract_features_with_stats(sample, FeatureConfig(tile_size=256, batch_size=3), progress=False)
+    whole, one = extract_features_with_stats(sample, FeatureConfig(tile_size=832), progress=False)
     assert one.tiles_run == 1 and stats.tiles_run > 9
     np.testing.assert_allclose(tiled, whole, atol=1e-4, rtol=1e-4)  # every cell, even at the slide's edge
     assert stats.encoder_passes == math.ceil(stats.tiles_run / 3)
@@ -42,9 +43,9 @@ def test_cell_order_is_the_samples(paint_he, sample_of):
     rng = np.random.default_rng(1)
     nuclei = _nuclei(rng, 40, (200, 200))
     image = paint_he((200, 200), nuclei)
-    features = extract_features(sample_of(image, nuclei[:, :2]), tile_size=256, progress=False)
+    features = extract_features(sample_of(image, nuclei[:, :2]), FeatureConfig(tile_size=256), progress=False)
     perm = rng.permutation(40)
-    shuffled = extract_features(sample_of(image, nuclei[perm, :2]), tile_size=256, progress=False)
+    shuffled = extract_features(sample_of(image, nuclei[perm, :2]), FeatureConfig(tile_size=256), progress=False)
     np.testing.assert_allclose(shuffled, features[perm], atol=1e-6)
 
 
@@ -57,8 +58,8 @@ def test_mpp_resampling_matches_native_resolution(paint_he, sample_of):
     coarse = fine.reshape(320, 2, 320, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)  # 2 x 2 binning
     keep = (nuclei[:, :2] > 40).all(axis=1) & (nuclei[:, :2] < 600).all(axis=1)
     xy_fine = nuclei[keep, :2]
-    f_fine = extract_features(sample_of(fine, xy_fine, mpp=0.25), tile_size=256, progress=False)
-    f_coarse = extract_features(sample_of(coarse, xy_fine / 2, mpp=0.5), tile_size=256, progress=False)
+    f_fine = extract_features(sample_of(fine, xy_fine, mpp=0.25), FeatureConfig(tile_size=256), progress=False)
+    f_coarse = extract_features(sample_of(coarse, xy_fine / 2, mpp=0.5), FeatureConfig(tile_size=256), progress=False)
     spread = f_coarse.std(axis=0)
     informative = spread > 0.05
     assert informative.sum() > 25
@@ -69,13 +70,13 @@ def test_mpp_resampling_matches_native_resolution(paint_he, sample_of):
 
 def test_argument_errors(tiny_sample, tmp_path):
     with pytest.raises(ConfigError):
-        extract_features(tiny_sample, batch_size=0, progress=False)
+        extract_features(tiny_sample, FeatureConfig(batch_size=0), progress=False)
     with pytest.raises(ConfigError):
-        extract_features(tiny_sample, create_encoder("morphology"), weights=tmp_path / "w.pt", progress=False)
+        extract_features(tiny_sample, FeatureConfig(weights=str(tmp_path / "w.pt")), progress=False)  # takes none
     with pytest.raises(ConfigError):
-        extract_features(tiny_sample, object(), progress=False)
+        extract_features(tiny_sample, encoder=object(), progress=False)
 
 
 def test_progress_bar_runs(tiny_sample):
-    features = extract_features(tiny_sample, tile_size=256, progress=True)
+    features = extract_features(tiny_sample, FeatureConfig(tile_size=256), progress=True)
     assert features.shape == (tiny_sample.n_cells, create_encoder("morphology").config.feature_dim)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import gcmoe.features.partial as partial_module
+from gcmoe.config import FeatureConfig
 from gcmoe.data.sample import Sample
 from gcmoe.errors import ConfigError, FeatureCacheError
 from gcmoe.features import Encoder, FeatureCache, create_encoder, extract_features, extract_features_with_stats
@@ -71,9 +72,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _extract(sample, cache_dir, encoder="morphology", **kw):
-    return extract_features_with_stats(sample, encoder, cache_dir=cache_dir, tile_size=kw.pop("tile_size", TILE),
-                                       batch_size=BATCH, progress=False, **kw)
+def _extract(sample, cache_dir, encoder=None, tile_size=TILE, **kw):
+    settings = FeatureConfig(cache_dir=cache_dir, tile_size=tile_size, batch_size=BATCH)
+    return extract_features_with_stats(sample, settings, encoder=encoder, progress=False, **kw)
 
 
 def _crash(sample, cache_dir, after: int, **kw) -> None:
@@ -206,6 +207,7 @@ _SCRIPT = textwrap.dedent(f"""
     import torch
     import gcmoe.features.partial as partial
     from gcmoe.data.sample import Sample
+    from gcmoe.config import FeatureConfig
     from gcmoe.features import Encoder, create_encoder, extract_features
 
     class Slow(Encoder):
@@ -220,8 +222,8 @@ _SCRIPT = textwrap.dedent(f"""
 
     torch.set_num_threads(1)
     partial.FLUSH_TILES = 1
-    extract_features(Sample.read(sys.argv[1]), Slow(float(sys.argv[3])), cache_dir=sys.argv[2], tile_size={TILE},
-                     batch_size={BATCH}, progress=False)
+    extract_features(Sample.read(sys.argv[1]), FeatureConfig(cache_dir=sys.argv[2], tile_size={TILE}, batch_size={BATCH}),
+                     encoder=Slow(float(sys.argv[3])), progress=False)
 """)
 
 
@@ -267,7 +269,7 @@ def test_two_torchrun_processes_extract_what_one_process_extracts(paint_he, samp
     for rank in (0, 1):  # each rank encoded its 3 tiles
         assert re.search(rf"from\s+3\s+tiles.*\(rank\s+{rank}\s+of\s+2\)", log), log[-3000:]
 
-    one, stats = extract_features_with_stats(sample, cache_dir=tmp_path / "one", batch_size=1, progress=False)
+    one, stats = extract_features_with_stats(sample, FeatureConfig(cache_dir=tmp_path / "one", batch_size=1), progress=False)
     assert stats.tiles_run == 6
     two = np.load(tmp_path / "two.npy")
     np.testing.assert_array_equal(two, one)

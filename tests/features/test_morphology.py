@@ -5,6 +5,7 @@ import pytest
 import torch
 from skimage.color import rgb2hed
 
+from gcmoe.config import FeatureConfig
 from gcmoe.features import MORPHOLOGY_CHANNELS, create_encoder, extract_features
 from gcmoe.features.morphology import rgb_to_hed
 
@@ -17,7 +18,7 @@ def encoder():
 @pytest.fixture(scope="module")
 def nuclei_features(nuclei_sample):
     sample, labels = nuclei_sample
-    features = extract_features(sample, progress=False, tile_size=384)
+    features = extract_features(sample, FeatureConfig(tile_size=384), progress=False)
     return features, labels
 
 
@@ -95,7 +96,7 @@ def test_features_linearly_separate_all_classes(nuclei_features):
 def test_stroma_vs_lumen(paint_he, sample_of):
     image = paint_he((200, 320), None, stroma=0.35, lumens=[(240, 100, 60)])
     xy = np.array([[60.0, 60.0], [80.0, 150.0], [240.0, 100.0], [230.0, 90.0]])  # two in stroma, two in lumen
-    features = extract_features(sample_of(image, xy), progress=False, tile_size=512)
+    features = extract_features(sample_of(image, xy), FeatureConfig(tile_size=512), progress=False)
     for name in ("tissue_2um", "e_2um", "tissue_8um"):
         k = channel(name)
         assert features[:2, k].min() > features[2:, k].max() + 1.0

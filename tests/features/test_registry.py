@@ -10,6 +10,7 @@ import torch
 from gcmoe.errors import ConfigError, UnknownNameError
 from gcmoe.features import Encoder, EncoderConfig, create_encoder, list_encoders, register_encoder
 from gcmoe.features import registry
+from gcmoe.files import file_sha256
 
 
 def _config(**overrides) -> EncoderConfig:
@@ -107,7 +108,7 @@ def test_register_create_and_weights(monkeypatch, tmp_path):
     weights.write_bytes(b"not really weights")
     enc = create_encoder("toy", weights=weights)
     assert loaded["weights"] == weights
-    assert enc.config.weights_sha256 == registry.file_sha256(weights)
+    assert enc.config.weights_sha256 == file_sha256(weights)
     weights.write_bytes(b"other weights")
     assert create_encoder("toy", weights=weights).config.hash() != enc.config.hash()
     with pytest.raises(ConfigError, match="not found"):

@@ -46,7 +46,7 @@ def test_pipeline_reads_linear_features_exactly_including_overlap_cells(box_enco
     rng = np.random.default_rng(1)
     xy = np.column_stack([rng.uniform(2, 254, 400), rng.uniform(2, 198, 400)])
     sample = sample_of(image, xy)
-    features = extract_features(sample, encoder, progress=False)
+    features = extract_features(sample, encoder=encoder, progress=False)
     np.testing.assert_allclose(features[:, 0] * 255, xy[:, 0] - 0.5, atol=2e-3)
     np.testing.assert_allclose(features[:, 1] * 255, xy[:, 1] - 0.5, atol=2e-3)
     np.testing.assert_allclose(features[:, 2] * 255, 100, atol=2e-3)
@@ -84,6 +84,6 @@ def test_resampled_slide_maps_coordinates_exactly(box_encoder, sample_of):
     sample = sample_of(image, xy, mpp=0.25)
     grid = make_tile_grid(sample.image.shape, sample.mpp, encoder.config)
     assert grid.resample and grid.read_size == 128
-    features = extract_features(sample, encoder, progress=False)
+    features = extract_features(sample, encoder=encoder, progress=False)
     np.testing.assert_allclose(features[:, 0] * 255, xy[:, 0] - 0.5, atol=1e-2)
     np.testing.assert_allclose(features[:, 1] * 255, xy[:, 1] - 0.5, atol=1e-2)

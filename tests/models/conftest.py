@@ -9,7 +9,7 @@ import torch
 
 from gcmoe.features.context import context_grid, tile_windows
 from gcmoe.features.neighbours import window_neighbours
-from gcmoe.training.trainer import CellData
+from gcmoe.training.cells import CellData
 
 
 def make_spatial_data(

@@ -7,11 +7,13 @@ import torch
 from gcmoe.config import TrainConfig
 from gcmoe.data.image import ArrayImage
 from gcmoe.errors import ConfigError
-from gcmoe.features.pixel_tiles import build_pixel_tiles, disc_pixels
+from gcmoe.features.pixel_tiles import build_pixel_tiles
+from gcmoe.ops import disc_pixels
 from gcmoe.models import create_model
 from gcmoe.models.ghist import pool_discs
 from gcmoe.training.checkpoint import load_model, save_model
-from gcmoe.training.trainer import CellData, fit, predict, seed_everything
+from gcmoe.training.cells import CellData
+from gcmoe.training.trainer import fit, predict, seed_everything
 
 SMALL = dict(mpp=1.0, tile_size=32, margin=6, widths=(8, 16), groups=4, cell_radius_um=2.5, nucleus_radius_um=1.5)
 
@@ -131,7 +133,7 @@ def test_prediction_does_not_depend_on_the_batch_and_reloads(tmp_path):
     np.testing.assert_allclose(predict(model, data, idx, batch_size=5), full[idx], rtol=1e-5, atol=1e-6)
     save_model(model, tmp_path / "m", "ghist", dict(SMALL), {"genes": ["a", "b", "c"]})
     loaded, meta = load_model(tmp_path / "m")
-    assert loaded.tile_geometry() == model.tile_geometry() and meta["params"]["widths"] == [8, 16]
+    assert loaded.input_geometry() == model.input_geometry() and meta["params"]["widths"] == [8, 16]
     np.testing.assert_array_equal(predict(loaded, data, np.arange(150)), full)
 
 
@@ -166,7 +168,8 @@ def test_results_table_marks_raw_pixel_models():
 
     assert models_in_table_order().index("ghist") == models_in_table_order().index("triplex") + 1
     d = {"n_cells": 10, "n_genes_eval": 5, "models": {"ST-Net*": {"folds": [0.5], "mean": 0.5, "std": None},
-                                                       "GHIST*": {"folds": [0.3], "mean": 0.3, "std": None}}}
+                                                       "GHIST*": {"folds": [0.3], "mean": 0.3, "std": None,
+                                                                  "raw_pixels": True}}}
     table = method_table({"datasets": {"A": d}})
     assert "| GHIST* † | 0.300 |" in table and "| ST-Net* | **0.500** |" in table
     assert table.splitlines()[-1].startswith("† trained end to end on raw H&E pixels")
@@ -189,7 +192,7 @@ def test_train_and_predict_a_new_slide_with_ghist(tmp_path):
     cfg.model_params = {"ghist": {"widths": [8, 16]}}
     folder = train_model(cfg, "ghist", progress=False)
     model, meta = load_model(folder)
-    run = prepare_run(cfg, tmp_path / "again", {"pixels"}, progress=False)
+    run = prepare_run(cfg, tmp_path / "again", get_model_entry("ghist").inputs, progress=False)
     n = len(run.pooled.sample_ids)
     _, _, data = build_model(get_model_entry("ghist"), run, meta["genes"], cfg, torch.zeros(n, 10))
     expected = predict(model, data, np.arange(n))

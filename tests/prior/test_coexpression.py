@@ -2,7 +2,13 @@ import anndata
 import numpy as np
 import pytest
 
-from gcmoe.prior.coexpression import CoexpressionPrior, PriorError, build_coexpression_prior
+from gcmoe.prior.coexpression import (
+    CoexpressionPrior,
+    PriorError,
+    build_coexpression_prior,
+    prior_from_files,
+    reference_type_mapping,
+)
 
 
 def _reference(n=300, seed=0):
@@ -57,3 +63,21 @@ def test_corrupt_prior_file(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(PriorError, match="not a gcmoe co-expression prior"):
         CoexpressionPrior.load(bad)
+
+
+def test_reference_type_mapping_order_of_precedence():
+    ref = anndata.AnnData(np.zeros((3, 1)))
+    ref.obs["cell_type"] = ["T", "B", "Tumour"]
+    assert reference_type_mapping(ref) == {"T": "T", "B": "B", "Tumour": "Tumour"}
+    assert reference_type_mapping(ref, routing_types=["T", "x"]) == {"T": "T"}
+    ref.uns["gcmoe"] = {"type_mapping": {"T": "immune", "B": "immune"}}
+    assert reference_type_mapping(ref, routing_types=["T"]) == {"T": "immune", "B": "immune"}
+    assert reference_type_mapping(ref, mapping={"Tumour": "neoplastic"}) == {"Tumour": "neoplastic"}
+
+
+def test_prior_from_files_takes_genes_and_types_from_the_files(tmp_path):
+    ref = _reference()
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    (tmp_path / "map.yaml").write_text("A_fine: first\nB_fine: second\n")
+    prior = prior_from_files(tmp_path / "ref.h5ad", mapping=tmp_path / "map.yaml", tau=0.2)
+    assert prior.types == ["first", "second"] and prior.genes == list(map(str, ref.var_names))

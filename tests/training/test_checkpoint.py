@@ -4,7 +4,8 @@ import torch
 
 from gcmoe.models import create_model
 from gcmoe.training.checkpoint import CheckpointError, load_model, save_model
-from gcmoe.training.trainer import CellData, predict
+from gcmoe.training.cells import CellData
+from gcmoe.training.trainer import predict
 
 
 def _data(n=64, d=8, g=6, m=4):

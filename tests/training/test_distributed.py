@@ -15,7 +15,8 @@ _SCRIPT = textwrap.dedent("""
     from gcmoe.config import TrainConfig
     from gcmoe.models import create_model
     from gcmoe.training.distributed import init_from_env, is_main_process, rank_world
-    from gcmoe.training.trainer import CellData, fit
+    from gcmoe.training.cells import CellData
+    from gcmoe.training.trainer import fit
 
     init_from_env("cpu")
     torch.set_num_threads(1)

@@ -16,7 +16,8 @@ from gcmoe.config import TrainConfig
 from gcmoe.models import create_model
 from gcmoe.training.checkpoint import CheckpointError
 from gcmoe.training.state import latest_checkpoint
-from gcmoe.training.trainer import CellData, fit
+from gcmoe.training.cells import CellData
+from gcmoe.training.trainer import fit
 
 
 def _data(n=600, d=6, g=4, seed=0):
@@ -113,7 +114,8 @@ _SCRIPT = textwrap.dedent("""
     from safetensors.torch import save_file
     from gcmoe.config import TrainConfig
     from gcmoe.models import create_model
-    from gcmoe.training.trainer import CellData, fit
+    from gcmoe.training.cells import CellData
+    from gcmoe.training.trainer import fit
 
     ckpt, out, pause = sys.argv[1], sys.argv[2], float(sys.argv[3])
     torch.set_num_threads(1)

@@ -9,7 +9,8 @@ from gcmoe.errors import FeatureCacheError
 from gcmoe.features.neighbours import window_neighbours
 from gcmoe.models import create_model
 from gcmoe.training.streaming import CellStore, StreamingCells, spatial_order, write_cell_store
-from gcmoe.training.trainer import CellData, fit, predict
+from gcmoe.training.cells import CellData
+from gcmoe.training.trainer import fit, predict
 
 
 def _cells(n=900, d=5, g=3, seed=0):

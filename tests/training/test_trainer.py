@@ -4,7 +4,8 @@ import torch
 from gcmoe.config import TrainConfig
 from gcmoe.evaluation.metrics import pearson_per_gene
 from gcmoe.models import create_model
-from gcmoe.training.trainer import CellData, fit, predict, seed_everything
+from gcmoe.training.cells import CellData
+from gcmoe.training.trainer import fit, predict, seed_everything
 
 
 def _data(n=1200, d=6, g=4, seed=0):
@@ -52,7 +53,7 @@ def test_seeded_runs_are_identical():
 
 
 def test_grouped_batches_keep_groups_whole():
-    from gcmoe.training.trainer import _batches
+    from gcmoe.training.cells import _batches
 
     groups = torch.from_numpy(np.random.default_rng(0).integers(0, 40, 1000))
     gen = torch.Generator().manual_seed(0)

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from gcmoe.data.normalisation import log_normalised, median_total
 from gcmoe.errors import InvalidSampleError
-from gcmoe.prior.coexpression import log_normalised, median_total
 
 
 @dataclass

@@ -1,8 +1,5 @@
-"""Regression targets and the evaluated genes.
-
-Target of a cell: log1p of its raw counts by default; with ``normalize_total`` set, counts are first scaled
-to that library size (scanpy's normalize_total), then log1p. The evaluated genes are the top highly variable
-genes (scanpy ``highly_variable_genes``) of the training cells of each fold, unless a list is given.
+"""The evaluated genes: the top highly variable genes (scanpy ``highly_variable_genes``) of the training cells
+of each fold, on their targets (gcmoe.data.normalisation), unless a list is given.
 """
 
 from __future__ import annotations
@@ -15,29 +12,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from gcmoe.config import TargetConfig
-from gcmoe.errors import ConfigError, InvalidSampleError
+from gcmoe.data.normalisation import sparse_targets
+from gcmoe.errors import InvalidSampleError
 
 log = logging.getLogger(__name__)
-
-
-def compute_targets(counts: np.ndarray | sp.spmatrix, config: TargetConfig) -> np.ndarray:
-    """Targets for every cell and gene of ``counts`` (cells x genes), float32 (:func:`sparse_targets`, dense)."""
-    return sparse_targets(counts, config).toarray()
-
-
-def sparse_targets(counts: np.ndarray | sp.spmatrix, config: TargetConfig) -> sp.csr_matrix:
-    """Targets as a sparse matrix (both transforms map 0 to 0), float32: no dense copy of cells x genes."""
-    x = sp.csr_matrix(counts, dtype=np.float64, copy=True)
-    if config.normalize_total is not None:
-        if config.normalize_total <= 0:
-            raise ConfigError(f"targets.normalize_total must be > 0 or null, got {config.normalize_total}")
-        total = np.repeat(np.asarray(x.sum(axis=1)).ravel(), np.diff(x.indptr))
-        x.data = np.divide(x.data * config.normalize_total, total, out=np.zeros_like(x.data), where=total > 0)
-    if config.transform == "log1p":
-        x.data = np.log1p(x.data)
-    elif config.transform != "none":
-        raise ConfigError(f"targets.transform must be 'log1p' or 'none', got {config.transform!r}")
-    return x.astype(np.float32)
 
 
 def select_genes(

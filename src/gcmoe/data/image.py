@@ -17,6 +17,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from gcmoe.errors import ImageReadError
+from gcmoe.files import atomic_path
 
 BACKGROUND = 255  # pixels outside the image read as white glass
 
@@ -330,12 +331,11 @@ def write_tiff(path: str | os.PathLike, array: np.ndarray, mpp: float, tile: int
     import tifffile
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     pixels_per_cm = 1e4 / mpp
     levels = [array]
     while min(levels[-1].shape[:2]) > 2 * tile:
         levels.append(levels[-1][::2, ::2])
-    with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tw:
         tw.write(
             array,
             tile=(tile, tile),
@@ -347,7 +347,6 @@ def write_tiff(path: str | os.PathLike, array: np.ndarray, mpp: float, tile: int
         )
         for level in levels[1:]:
             tw.write(np.ascontiguousarray(level), tile=(tile, tile), compression="zlib", photometric="rgb", subfiletype=1)
-    os.replace(tmp, path)
     return path
 
 

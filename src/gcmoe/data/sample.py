@@ -23,6 +23,7 @@ from anndata import AnnData
 from gcmoe._constants import Key, UnsKey
 from gcmoe.data.image import ArrayImage, SlideImage, open_image, write_tiff
 from gcmoe.errors import InvalidSampleError
+from gcmoe.files import write_h5ad
 
 # sample ids become file and folder names (caches, data/): no separators, no parent references
 _SAFE_ID = re.compile(r"[^./\\\x00-\x1f][^/\\\x00-\x1f]{0,199}")
@@ -132,9 +133,7 @@ class Sample:
             adata.uns[Key.UNS][UnsKey.IMAGE_PATH] = image_path.name
         else:
             adata.uns[Key.UNS][UnsKey.IMAGE_PATH] = str(Path(self.image.path).resolve())
-        tmp = path.with_name(f".{path.name}.tmp")
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
+        write_h5ad(adata, path)
         return path
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Per-gene Pearson correlation across cells, and its fold summaries (DESIGN section 5).
+"""Per-gene Pearson correlation across cells, and its fold summaries (docs/evaluation.md).
 
 Genes that are constant in the test cells (measured or predicted) have no correlation: they are reported
 and excluded from the mean, never turned into NaN means or crashes.

@@ -2,8 +2,8 @@
 
 Cells read ``mean ± std`` of the per-fold mean PCC; the best method of each dataset is in bold (the
 ceiling row is a bound, not a method, and is never bolded); with several datasets an Average column is added.
-Methods trained on raw pixels instead of the cached encoder features (registry need "pixels", GHIST*) are
-marked with a dagger and a footnote.
+Methods trained on raw pixels instead of the cached encoder features (``raw_pixels`` in results.json, GHIST*)
+are marked with a dagger and a footnote.
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ RAW_PIXELS_MARK = "†"
 RAW_PIXELS_NOTE = f"{RAW_PIXELS_MARK} trained end to end on raw H&E pixels; does not use the cached encoder features."
 
 
-def raw_pixel_methods() -> set[str]:
-    """Display names of the registered models that read raw pixels instead of the cached features."""
-    from gcmoe.models.registry import get_model_entry, list_models
-
-    return {get_model_entry(n).display_name for n in list_models() if "pixels" in get_model_entry(n).needs}
+def raw_pixel_methods(results: dict[str, Any]) -> set[str]:
+    """Display names of the methods of ``results`` that read raw pixels instead of the cached features."""
+    return {m for d in results["datasets"].values() for m, e in d["models"].items() if e.get("raw_pixels")}
 
 
 def _fmt(mean: float | None, std: float | None, bold: bool = False) -> str:
@@ -54,7 +52,7 @@ def method_table(results: dict[str, Any]) -> str:
         best_avg = max(finite_avg, key=finite_avg.get) if finite_avg else None
     header = ["Method", *names] + (["Average"] if len(names) > 1 else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":---:"] * (len(header) - 1)) + "|"]
-    raw = raw_pixel_methods() & set(methods)
+    raw = raw_pixel_methods(results)
     for m in methods:
         row = [f"{m} {RAW_PIXELS_MARK}" if m in raw else m]
         for n in names:

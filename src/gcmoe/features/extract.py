@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from gcmoe.config import FeatureConfig
 from gcmoe.errors import ConfigError, FeatureCacheError
 from gcmoe.features.cache import FeatureCache, to_float16
 from gcmoe.features.partial import PartialExtraction, PartWriter, partial_path
@@ -137,15 +137,13 @@ def read_tiles(image: SlideImage, grid: TileGrid, tiles: list[Tile]) -> torch.Te
     return out
 
 
-def _resolve_encoder(encoder: str | Encoder, weights: str | os.PathLike | None) -> Encoder:
-    if isinstance(encoder, str):
-        return create_encoder(encoder, weights=weights)
+def _resolve_encoder(config: FeatureConfig, encoder: Encoder | None) -> Encoder:
+    if encoder is None:
+        return create_encoder(config.encoder, weights=config.weights)
     if not isinstance(encoder, Encoder):
         raise ConfigError(
-            f"encoder must be a registered name or a gcmoe.features.Encoder, got {type(encoder).__name__}"
+            f"encoder must be a gcmoe.features.Encoder (or None: FeatureConfig.encoder), got {type(encoder).__name__}"
         )
-    if weights is not None:
-        raise ConfigError("weights= goes with an encoder name; an Encoder instance already holds its weights")
     return encoder
 
 
@@ -160,6 +158,20 @@ def _progress(enabled: bool) -> Any:
         disable=not enabled,
         transient=True,
     )
+
+
+@dataclass
+class _Job:
+    """One slide's extraction: what every step reads."""
+
+    sample: Sample
+    encoder: Encoder
+    config: EncoderConfig  # the encoder's config at the run's tile size
+    grid: TileGrid
+    batch_size: int
+    device: str
+    progress: bool
+    stats: FeatureStats
 
 
 def _new_stats(sample: Sample, config: EncoderConfig, grid: TileGrid) -> FeatureStats:
@@ -184,24 +196,15 @@ def _batches(tiles: list[Tile], batch_size: int) -> list[list[Tile]]:
 BatchSink = Callable[[int, list[Tile], np.ndarray, np.ndarray], None]
 
 
-def _encode_batches(
-    sample: Sample,
-    encoder: Encoder,
-    config: EncoderConfig,
-    grid: TileGrid,
-    batches: list[tuple[int, list[Tile]]],
-    device: str,
-    progress: bool,
-    stats: FeatureStats,
-    sink: BatchSink,
-) -> None:
+def _encode_batches(job: _Job, batches: list[tuple[int, list[Tile]]], sink: BatchSink) -> None:
     """Encode ``(index, tiles)`` batches in order and hand each one's cell features to ``sink``."""
     import torch
 
     from gcmoe.features.sampling import sample_feature_map
 
+    sample, config, grid, device, stats = job.sample, job.config, job.grid, job.device, job.stats
     xy = sample.spatial
-    expected = (config.feature_dim, *encoder.output_size(grid.tile_size, grid.tile_size))
+    expected = (config.feature_dim, *job.encoder.output_size(grid.tile_size, grid.tile_size))
     read_seconds = [0.0]
 
     def read(batch: list[Tile]) -> torch.Tensor:
@@ -210,9 +213,9 @@ def _encode_batches(
         read_seconds[0] += time.perf_counter() - t
         return pixels
 
-    encoder = encoder.to(device).eval()
+    encoder = job.encoder.to(device).eval()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gcmoe-tiles")
-    with pool, torch.inference_mode(), _progress(progress) as bar:
+    with pool, torch.inference_mode(), _progress(job.progress) as bar:
         task = bar.add_task(f"features {sample.sample_id} ({config.name})", total=sum(len(b) for _, b in batches))
         pending = pool.submit(read, batches[0][1]) if batches else None
         for i, (k, batch) in enumerate(batches):
@@ -245,18 +248,15 @@ def _encode_batches(
     stats.megapixels_encoded = stats.tiles_run * grid.tile_size**2 / 1e6
 
 
-def _encode_in_memory(
-    sample: Sample, encoder: Encoder, config: EncoderConfig, grid: TileGrid, batch_size: int, device: str,
-    progress: bool, stats: FeatureStats,
-) -> np.ndarray:  # fmt: skip
+def _encode_in_memory(job: _Job) -> np.ndarray:
     """Features (n_cells, D) float32 of every cell, held in memory only (extraction without a cache)."""
-    features = np.empty((sample.n_cells, config.feature_dim), dtype=np.float32)
+    features = np.empty((job.sample.n_cells, job.config.feature_dim), dtype=np.float32)
 
     def keep(k: int, batch: list[Tile], cells: np.ndarray, values: np.ndarray) -> None:
         features[cells] = values
 
-    batches = list(enumerate(_batches(grid.assign(sample.spatial), batch_size)))
-    _encode_batches(sample, encoder, config, grid, batches, device, progress, stats, keep)
+    batches = list(enumerate(_batches(job.grid.assign(job.sample.spatial), job.batch_size)))
+    _encode_batches(job, batches, keep)
     return features
 
 
@@ -267,26 +267,24 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-def _encode_with_parts(
-    sample: Sample, encoder: Encoder, config: EncoderConfig, grid: TileGrid, partial: PartialExtraction,
-    batch_size: int, device: str, progress: bool, stats: FeatureStats, rank: int, world: int,
-) -> np.ndarray | None:  # fmt: skip
+def _encode_with_parts(job: _Job, partial: PartialExtraction, rank: int, world: int) -> np.ndarray | None:
     """Float16 features (n_cells, D) of every cell, resuming from and saving progress to ``partial``.
 
     Tiles whose cells the parts already hold are skipped; rank ``r`` of ``world`` encodes the batches
     ``k`` with ``k % world == r``. Every rank must call this; rank 0 gets the assembled features, the
     others None.
     """
+    sample, config, stats = job.sample, job.config, job.stats
     if rank == 0:
         partial.prepare()
     _barrier(world)  # the folder is ready (a stale one is gone) before any rank reads or writes parts
-    tiles = grid.assign(sample.spatial)
+    tiles = job.grid.assign(sample.spatial)
     features = np.zeros((sample.n_cells, config.feature_dim), dtype=np.float16)
     done = np.zeros(sample.n_cells, dtype=bool)
     seen: set[str] = set()
     partial.load(features, done, seen)
     todo = []
-    for k, batch in enumerate(_batches(tiles, batch_size)):
+    for k, batch in enumerate(_batches(tiles, job.batch_size)):
         rest = [tile for tile in batch if not done[tile.cells].all()]
         if rest and k % world == rank:
             todo.append((k, rest))
@@ -306,7 +304,7 @@ def _encode_with_parts(
         writer.add(k, len(batch), cells, values16)
 
     try:
-        _encode_batches(sample, encoder, config, grid, todo, device, progress, stats, save)
+        _encode_batches(job, todo, save)
     except BaseException:
         with contextlib.suppress(Exception):
             writer.flush()  # keep the batches finished before the error
@@ -335,115 +333,82 @@ def _rank_world(distributed: bool) -> tuple[int, int]:
     return rank_world()
 
 
-def extract_features_with_stats(
-    sample: Sample,
-    encoder: str | Encoder = "morphology",
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    batch_size: int = 4,
-    device: str = "cpu",
-    progress: bool = True,
-    tile_size: int | None = None,
-    weights: str | os.PathLike | None = None,
-    distributed: bool = False,
-) -> FeatureResult:
-    """:func:`extract_features`, also returning :class:`FeatureStats` (of this process's share)."""
+def extract_features_with_stats(sample: Sample, config: FeatureConfig | None = None, *, encoder: Encoder | None = None,
+                                progress: bool = True, distributed: bool = False) -> FeatureResult:
+    """:func:`extract_features` (same parameters), also returning :class:`FeatureStats` (of this process's share)."""
     start = time.perf_counter()
+    config = FeatureConfig() if config is None else config
+    batch_size = config.batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer (tiles per encoder pass), got {batch_size!r}")
     rank, world = _rank_world(distributed)
-    if world > 1 and cache_dir is None:
+    if world > 1 and config.cache_dir is None:
         raise ConfigError(
             f"feature extraction split across {world} processes (torchrun) needs a cache folder (cache_dir, "
             f"--cache-dir) on storage every process sees: the processes hand their tiles' features to rank 0 "
             f"through files there; give one, or run a single process"
         )
-    model = _resolve_encoder(encoder, weights)
-    config = model.config if tile_size is None else model.config.with_tile_size(tile_size)
-    grid = make_tile_grid(sample.image.shape, sample.mpp, config)
-    stats = _new_stats(sample, config, grid)
-    cache = FeatureCache(cache_dir) if cache_dir is not None else None
-    if cache is None:
-        features = _encode_in_memory(sample, model, config, grid, batch_size, device, progress, stats)
+    model = _resolve_encoder(config, encoder)
+    enc_config = model.config if config.tile_size is None else model.config.with_tile_size(config.tile_size)
+    grid = make_tile_grid(sample.image.shape, sample.mpp, enc_config)
+    stats = _new_stats(sample, enc_config, grid)
+    job = _Job(sample, model, enc_config, grid, batch_size, config.device, progress and rank == 0, stats)
+    if config.cache_dir is None:
+        features = _encode_in_memory(job)
     else:
-        entry = cache.path(sample, config)
+        cache = FeatureCache(config.cache_dir)
+        entry = cache.path(sample, enc_config)
         stats.cache_path = str(entry)
-        cached = cache.load(sample, config)
+        cached = cache.load(sample, enc_config)
         if cached is not None:
             if rank == 0 and partial_path(entry).exists():  # left by a run killed between save and clean-up
-                PartialExtraction(entry, sample, config).remove()
+                PartialExtraction(entry, sample, enc_config).remove()
             stats.cache_hit = True
             stats.seconds = time.perf_counter() - start
-            log.info("features of %s (%s) from the cache %s", sample.sample_id, config.name, entry)
+            log.info("features of %s (%s) from the cache %s", sample.sample_id, enc_config.name, entry)
             return FeatureResult(cached, stats)
-        partial = PartialExtraction(entry, sample, config)
-        features16 = _encode_with_parts(
-            sample, model, config, grid, partial, batch_size, device, progress and rank == 0, stats, rank, world
-        )
+        partial = PartialExtraction(entry, sample, enc_config)
+        features16 = _encode_with_parts(job, partial, rank, world)
         if features16 is not None:
-            cache.save(sample, config, features16)
+            cache.save(sample, enc_config, features16)
             partial.remove()
         _barrier(world)  # the entry is written
-        features = features16.astype(np.float32) if features16 is not None else cache.load(sample, config)
+        features = features16.astype(np.float32) if features16 is not None else cache.load(sample, enc_config)
     stats.seconds = time.perf_counter() - start
     log.info(
         "features of %s (%s): %d cells x %d from %d tiles (%.1f Mpx) in %.1f s%s",
-        sample.sample_id, config.name, stats.n_cells, stats.feature_dim, stats.tiles_run,
+        sample.sample_id, enc_config.name, stats.n_cells, stats.feature_dim, stats.tiles_run,
         stats.megapixels_encoded, stats.seconds, f" (rank {rank} of {world})" if world > 1 else "",
     )  # fmt: skip
     return FeatureResult(features, stats)
 
 
-def extract_features(
-    sample: Sample,
-    encoder: str | Encoder = "morphology",
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    batch_size: int = 4,
-    device: str = "cpu",
-    progress: bool = True,
-    tile_size: int | None = None,
-    weights: str | os.PathLike | None = None,
-    distributed: bool = False,
-) -> np.ndarray:
+def extract_features(sample: Sample, config: FeatureConfig | None = None, *, encoder: Encoder | None = None,
+                     progress: bool = True, distributed: bool = False) -> np.ndarray:
     """Image features of every cell of a sample, ``(n_cells, D)`` float32, in the sample's cell order.
 
     Parameters
     ----------
     sample
         The slide and its cell centres.
+    config
+        The feature settings (:class:`gcmoe.config.FeatureConfig`; default: its defaults): the encoder's name
+        and local ``weights``, ``tile_size`` (encoder-input side in pixels at the encoder's mpp, part of the
+        cache key; None = the encoder's default), ``batch_size`` (tiles per encoder pass), ``device`` and
+        ``cache_dir``. With a cache folder, features are read from the cache when present (the encoder does
+        not run) and written there otherwise; cached features are float16, so the returned values are then
+        always float16-rounded. While encoding, finished tiles are saved in a partial folder there, so an
+        interrupted run resumes where it stopped.
     encoder
-        A name from :func:`~gcmoe.features.list_encoders` or an :class:`~gcmoe.features.Encoder`.
-    cache_dir
-        Feature cache root; with it, features are read from the cache when present (the encoder does not
-        run) and written there otherwise. Cached features are float16, so with a cache the returned
-        values are always float16-rounded, whether just computed or read back. While encoding, finished
-        tiles are saved in a partial folder there, so an interrupted run resumes where it stopped.
-    batch_size
-        Tiles per encoder pass.
-    device
-        Torch device for the encoder (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        An :class:`~gcmoe.features.Encoder` to use instead of building ``config.encoder`` (weights loaded
+        once for many slides); ``config.encoder`` and ``config.weights`` are then not read.
     progress
         Show a progress bar over tiles.
-    tile_size
-        Encoder-input tile side in pixels at the encoder's mpp; None = the encoder's default.
-        Part of the cache key.
-    weights
-        Local weights file, for encoders that load weights (with an encoder name only).
     distributed
         Split the tiles across the ranks of the ``torch.distributed`` process group (``torchrun``; join it
         first, e.g. with :func:`gcmoe.training.distributed.init_from_env`). Every rank must call this with
-        the same arguments; it needs ``cache_dir`` on storage every rank sees. Rank 0 writes the cache
+        the same arguments; it needs ``config.cache_dir`` on storage every rank sees. Rank 0 writes the cache
         entry; every rank returns the features. Without a process group it changes nothing.
     """
-    return extract_features_with_stats(
-        sample,
-        encoder,
-        cache_dir=cache_dir,
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-        tile_size=tile_size,
-        weights=weights,
-        distributed=distributed,
-    ).features
+    return extract_features_with_stats(sample, config, encoder=encoder, progress=progress,
+                                       distributed=distributed).features

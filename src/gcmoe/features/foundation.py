@@ -7,9 +7,8 @@ tokens dropped), so ``stride = p`` and feature pixel ``(j, i)`` holds the token 
 Any tile size that is a multiple of ``p`` works: timm ViTs are built with ``dynamic_img_size=True`` and
 open_clip's learned position embedding is interpolated (bicubic) to the tile's patch grid.
 
-Nothing is downloaded: every model is built with random initialisation (on the meta device when the
-architecture allows, so a ViT-L costs no initialisation time) and filled from the named local file, whose
-keys must match the architecture exactly (:class:`EncoderWeightsError` lists missing and unexpected keys).
+Nothing is downloaded: every model is built around a named local weights file (gcmoe.features.weights), whose
+keys must match the architecture exactly.
 timm and open_clip are optional extras: they pull torchvision, which does not install beside the CPU torch
 2.13.0 of the core environment, so they live in ``.venv-encoders`` (``make test-encoders``); without them the
 encoders are still listed and raise :class:`MissingExtraError` saying how to get them.
@@ -19,13 +18,9 @@ Names: ``"uni"``, ``"conch"``, ``"timm:<model name>"``, ``"open_clip:<model name
 
 from __future__ import annotations
 
-import importlib
-import itertools
 import logging
 import os
-from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -33,22 +28,20 @@ import torch.nn.functional as F
 
 from gcmoe.errors import ConfigError, UnknownNameError
 from gcmoe.features.registry import Encoder, EncoderConfig, register_encoder
+from gcmoe.features.weights import EncoderWeightsError, build_and_load, import_extra, key_listing, load_weights_file
 
 __all__ = [
     "CONCH_TRUNK",
     "CONCH_WEIGHTS_PREFIX",
     "CLIP_MEAN",
     "CLIP_STD",
-    "EncoderWeightsError",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "MissingExtraError",
     "OpenClipEncoder",
     "TimmEncoder",
     "UNI_ARCH",
     "conch",
     "default_margin",
-    "load_weights_file",
     "open_clip_encoder",
     "timm_encoder",
     "uni",
@@ -85,34 +78,6 @@ CONCH_TRUNK: dict[str, Any] = {
 }
 CONCH_WEIGHTS_PREFIX = "visual.trunk."
 
-_TORCH_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
-_INSTALL_HINT = (
-    "The foundation-model encoders need the optional extras timm and open_clip_torch, which cannot be "
-    "installed into the core environment (they pull torchvision, which replaces the pinned CPU torch 2.13.0). "
-    "Use the encoders environment instead: `make test-encoders` creates .venv-encoders with torch 2.14.1, "
-    "torchvision 0.29.1, timm, open_clip_torch and gcmoe; run gcmoe there (.venv-encoders/bin/gcmoe). "
-    "See docs/features.md, 'Foundation-model encoders'."
-)
-
-
-class MissingExtraError(ConfigError, ImportError):
-    """An encoder needs an optional package (timm, open_clip_torch) that is not installed."""
-
-
-class EncoderWeightsError(ConfigError):
-    """A weights file cannot be read or does not match the encoder's architecture."""
-
-
-def _import_extra(module: str, package: str, encoder: str) -> ModuleType:
-    try:
-        return importlib.import_module(module)
-    except (ImportError, RuntimeError, OSError) as exc:
-        # RuntimeError: torchvision built for another torch fails at import ("operator torchvision::nms ...")
-        raise MissingExtraError(
-            f"encoder '{encoder}' needs the Python package '{package}', which is not installed or does not "
-            f"import here ({type(exc).__name__}: {exc}). {_INSTALL_HINT}"
-        ) from exc
-
 
 def default_margin(tile_size: int, align: int) -> int:
     """About an eighth of the tile, a multiple of ``align`` (one at least, when the tile allows): how far cells stay from a ViT
@@ -122,113 +87,6 @@ def default_margin(tile_size: int, align: int) -> int:
     while units > 0 and 2 * units * align >= tile_size:
         units -= 1
     return units * align
-
-
-def load_weights_file(path: str | os.PathLike, encoder: str) -> dict[str, torch.Tensor]:
-    """Read a state dict from a local file, never unpickling arbitrary objects.
-
-    ``.safetensors`` through safetensors; ``.bin``/``.pth``/``.pt``/``.ckpt`` through
-    ``torch.load(map_location="cpu", weights_only=True)``. A checkpoint that wraps its weights in a
-    ``"state_dict"`` entry is unwrapped, and a ``module.`` prefix (DataParallel) on every key is removed.
-
-    Raises
-    ------
-    EncoderWeightsError
-        The file has another suffix, cannot be read, or holds something other than named tensors.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path), device="cpu")
-        elif suffix in _TORCH_SUFFIXES:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise EncoderWeightsError(
-                f"encoder '{encoder}': cannot read weights from {path}: expected a .safetensors file or a "
-                f"PyTorch state dict ({', '.join(_TORCH_SUFFIXES)})"
-            )
-    except EncoderWeightsError:
-        raise
-    except Exception as exc:  # pickle, zip, safetensors header and EOF errors all mean "not a weights file"
-        raise EncoderWeightsError(
-            f"encoder '{encoder}': {path} is not a readable weights file ({type(exc).__name__}: {exc}). "
-            "Give the published state dict (pytorch_model.bin, *.safetensors); full training checkpoints "
-            "with pickled Python objects are refused (weights_only=True)."
-        ) from exc
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not obj or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
-        raise EncoderWeightsError(
-            f"encoder '{encoder}': {path} does not hold a state dict (a mapping of parameter names to tensors)"
-        )
-    state = dict(obj)
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
-
-
-def _listing(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def _check_keys(model: torch.nn.Module, state: Mapping[str, torch.Tensor], encoder: str, path: Path) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(
-        f"{k} (file {tuple(state[k].shape)}, model {expected[k]})"
-        for k in set(expected) & set(state)
-        if tuple(state[k].shape) != expected[k]
-    )
-    if missing or unexpected or wrong:
-        parts = [f"{len(missing)} missing", f"{len(unexpected)} unexpected", f"{len(wrong)} of another shape"]
-        detail = [
-            f"missing: {_listing(missing)}" if missing else "",
-            f"unexpected: {_listing(unexpected)}" if unexpected else "",
-            f"other shape: {_listing(wrong)}" if wrong else "",
-        ]
-        raise EncoderWeightsError(
-            f"encoder '{encoder}': the weights in {path} do not match its architecture "
-            f"({', '.join(parts)} keys). " + "; ".join(d for d in detail if d) + ". Check that the file is the "
-            f"published checkpoint of this model (docs/features.md lists file names and key layouts)."
-        )
-
-
-def _has_meta(model: torch.nn.Module) -> bool:
-    return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
-
-
-def _build_and_load(
-    build: Callable[[], torch.nn.Module], state: Mapping[str, torch.Tensor], encoder: str, path: Path
-) -> torch.nn.Module:
-    """Build a module and fill it strictly from ``state``.
-
-    Built on the meta device first (no random initialisation of hundreds of millions of parameters) and
-    filled with ``assign=True``; an architecture whose constructor cannot run on meta, or that keeps
-    buffers outside its state dict, is built on the CPU instead.
-    """
-    try:
-        with torch.device("meta"):
-            model = build()
-    except Exception:  # noqa: BLE001 - a constructor that computes on tensors cannot run on meta; retry below
-        model = None
-    if model is not None:
-        _check_keys(model, state, encoder, path)
-        target = model.state_dict()
-        cast = {k: v.to(target[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
-        model.load_state_dict(cast, strict=True, assign=True)
-        if not _has_meta(model):
-            return model
-    model = build()
-    _check_keys(model, state, encoder, path)
-    model.load_state_dict(dict(state), strict=True)
-    return model
 
 
 def _tokens_to_map(
@@ -390,12 +248,12 @@ def _timm_stride(model: torch.nn.Module, encoder: str) -> int:
 def uni(weights: str | os.PathLike, tile_size: int = 224, margin: int | None = None,
         target_mpp: float = 0.5) -> TimmEncoder:
     """UNI (ViT-L/16, 1024 channels at stride 16, 0.5 um/px, ImageNet mean/std) from its ``pytorch_model.bin``."""
-    timm = _import_extra("timm", "timm", "uni")
+    timm = import_extra("timm", "timm", "uni")
     path = Path(weights)
     state = load_weights_file(path, "uni")
     arch = dict(UNI_ARCH)
     model_name = arch.pop("model_name")
-    model = _build_and_load(lambda: timm.create_model(model_name, pretrained=False, **arch), state, "uni", path)
+    model = build_and_load(lambda: timm.create_model(model_name, pretrained=False, **arch), state, "uni", path)
     stride = _square_patch(model.patch_embed.patch_size, "uni")
     config = _config("uni", target_mpp=target_mpp, tile_size=tile_size, stride=stride,
                      feature_dim=int(model.num_features), margin=margin, mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -407,7 +265,7 @@ def conch(weights: str | os.PathLike, tile_size: int = 448, margin: int | None =
           target_mpp: float = 0.5) -> TimmEncoder:
     """CONCH's image trunk (ViT-B/16, 768 channels at stride 16, 0.5 um/px, OpenAI CLIP mean/std) from the
     ``pytorch_model.bin`` of its CoCa model; only the ``visual.trunk.*`` weights are used."""
-    _import_extra("timm", "timm", "conch")
+    import_extra("timm", "timm", "conch")
     from timm.models.vision_transformer import VisionTransformer
 
     path = Path(weights)
@@ -416,9 +274,9 @@ def conch(weights: str | os.PathLike, tile_size: int = 448, margin: int | None =
     if not state:
         raise EncoderWeightsError(
             f"encoder 'conch': {path} has no '{CONCH_WEIGHTS_PREFIX}*' keys (it has e.g. "
-            f"{_listing(sorted(full), 5)}); give the pytorch_model.bin of MahmoodLab's conch_ViT-B-16"
+            f"{key_listing(sorted(full), 5)}); give the pytorch_model.bin of MahmoodLab's conch_ViT-B-16"
         )
-    model = _build_and_load(lambda: VisionTransformer(**CONCH_TRUNK), state, "conch", path)
+    model = build_and_load(lambda: VisionTransformer(**CONCH_TRUNK), state, "conch", path)
     stride = _square_patch(model.patch_embed.patch_size, "conch")
     config = _config("conch", target_mpp=target_mpp, tile_size=tile_size, stride=stride,
                      feature_dim=int(model.num_features), margin=margin, mean=CLIP_MEAN, std=CLIP_STD)
@@ -444,7 +302,7 @@ def timm_encoder(model_name: str, weights: str | os.PathLike, tile_size: int | N
     come from the model's timm pretrained config; the pixel size is a setting (default 0.5 um/px)."""
     _refuse_hub_name(model_name, "timm")
     name = f"timm:{model_name}"
-    timm = _import_extra("timm", "timm", name)
+    timm = import_extra("timm", "timm", name)
     if not timm.is_model(model_name):
         raise UnknownNameError(
             f"encoder '{name}': timm has no model '{model_name}'; see timm.list_models('vit_*') in the encoders env"
@@ -468,7 +326,7 @@ def timm_encoder(model_name: str, weights: str | os.PathLike, tile_size: int | N
     if dropped:
         log.info("encoder '%s': ignoring the classifier weights in %s: %s", name, path, ", ".join(dropped))
         state = {k: v for k, v in state.items() if k not in dropped}
-    model = _build_and_load(build_dynamic, state, name, path)
+    model = build_and_load(build_dynamic, state, name, path)
     cfg = model.pretrained_cfg
     stride = _timm_stride(model, name)
     default_tile = int(cfg.get("input_size", (3, 224, 224))[-1])
@@ -486,7 +344,7 @@ def open_clip_encoder(model_name: str, weights: str | os.PathLike, tile_size: in
     model's open_clip preprocessing config; the pixel size is a setting (default 0.5 um/px)."""
     _refuse_hub_name(model_name, "open_clip")
     name = f"open_clip:{model_name}"
-    open_clip = _import_extra("open_clip", "open_clip_torch", name)
+    open_clip = import_extra("open_clip", "open_clip_torch", name)
     if model_name not in open_clip.list_models():
         raise UnknownNameError(
             f"encoder '{name}': open_clip has no model config '{model_name}'; see open_clip.list_models()"
@@ -496,13 +354,13 @@ def open_clip_encoder(model_name: str, weights: str | os.PathLike, tile_size: in
     state = {k[len("visual.") :]: v for k, v in full.items() if k.startswith("visual.")}
     if not state:
         raise EncoderWeightsError(
-            f"encoder '{name}': {path} has no 'visual.*' keys (it has e.g. {_listing(sorted(full), 5)}); give an "
+            f"encoder '{name}': {path} has no 'visual.*' keys (it has e.g. {key_listing(sorted(full), 5)}); give an "
             "open_clip checkpoint (open_clip_pytorch_model.bin or open_clip_model.safetensors)"
         )
     holder: dict[str, Any] = {}
 
     def build() -> torch.nn.Module:
-        # built where the caller's default device says (meta first, see _build_and_load); nothing downloaded.
+        # built where the caller's default device says (meta first, see build_and_load); nothing downloaded.
         # open_clip warns that the model is "initialized randomly": true only until the weights below arrive.
         quiet = logging.Filter()
         quiet.filter = lambda record: not str(record.msg).startswith("No pretrained weights loaded")  # type: ignore[method-assign]
@@ -514,7 +372,7 @@ def open_clip_encoder(model_name: str, weights: str | os.PathLike, tile_size: in
         holder["preprocess"] = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
         return model.visual
 
-    visual = _build_and_load(build, state, name, path)
+    visual = build_and_load(build, state, name, path)
     if not hasattr(visual, "forward_intermediates") or not hasattr(visual, "positional_embedding"):
         raise ConfigError(
             f"encoder '{name}': its image tower is a {type(visual).__name__}; only open_clip's own "

@@ -1,4 +1,4 @@
-"""The default encoder: hand-made H&E morphology features, deterministic, no weights (DESIGN section 7).
+"""The default encoder: hand-made H&E morphology features, deterministic, no weights (docs/features.md).
 
 Everything is written with torch ops, so it runs batched on CPU or GPU. From an RGB tile in [0, 1] at
 0.5 um/px:

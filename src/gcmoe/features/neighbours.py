@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gcmoe.files import atomic_path
+
 
 def window_neighbours(xy_um: np.ndarray, window_um: float = 64.0, max_neighbours: int = 32,
                       block: int = 65_536) -> np.ndarray:
@@ -79,8 +81,6 @@ def cached_window_neighbours(
         except (OSError, ValueError):
             pass  # a damaged entry is recomputed and replaced below
     nbr = window_neighbours(xy_um, window_um, max_neighbours)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, nbr)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, nbr)
     return nbr

@@ -12,7 +12,7 @@ Coordinates inside a tile are continuous working pixels: pixel ``(row i, col j)`
 ``((x - x0) * s, (y - y0) * s)`` with ``s = tile_size / read_size``.
 
 A **disc** of radius r around a point c is the set of pixels whose centre lies within r of c (distance <= r).
-:func:`disc_pixels` lists them (vectorised, on any torch device); GHIST* averages its expression map over a
+:func:`gcmoe.ops.disc_pixels` lists them (vectorised, on any torch device); GHIST* averages its expression map over a
 cell's disc, and its nuclei target is the union of the discs of radius ``nucleus_radius`` around every cell
 centre that falls in (or within that radius of) a tile, test cells included: positions only, never their
 expression.
@@ -34,32 +34,11 @@ from torch import Tensor
 from gcmoe.data.image import SlideImage
 from gcmoe.errors import ConfigError
 from gcmoe.features.tiling import TileGrid
+from gcmoe.ops import disc_pixels
 
-__all__ = ["PixelTiles", "build_pixel_tiles", "disc_pixels", "pixel_grid"]
+__all__ = ["PixelTiles", "build_pixel_tiles", "pixel_grid"]
 
 DEFAULT_CACHE_BYTES = 256 * 2**20
-
-
-def disc_pixels(centres: Tensor, radius: float, size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The pixels of a ``size`` x ``size`` tile inside the disc of ``radius`` px around each centre.
-
-    ``centres`` (n, 2) float, (x, y) working pixels. Returns ``(owner, row, col)``, three (nnz,) long tensors:
-    disc ``owner[k]`` holds pixel ``(row[k], col[k])``; pixels outside the tile are left out. A disc whose
-    radius is below half a pixel may hold no pixel at all.
-    """
-    if radius < 0:
-        raise ConfigError(f"a disc radius must be >= 0 pixels, got {radius}")
-    device = centres.device
-    reach = int(math.ceil(radius)) + 1
-    span = torch.arange(-reach, reach + 1, device=device)
-    base = torch.floor(centres.double())  # the pixel holding each centre
-    cols = base[:, 0, None, None] + span[None, None, :]  # (n, 1, K)
-    rows = base[:, 1, None, None] + span[None, :, None]  # (n, K, 1)
-    dx = cols + 0.5 - centres[:, 0, None, None].double()
-    dy = rows + 0.5 - centres[:, 1, None, None].double()
-    inside = (dx * dx + dy * dy <= radius * radius + 1e-9) & (cols >= 0) & (cols < size) & (rows >= 0) & (rows < size)
-    owner, r_k, c_k = torch.nonzero(inside, as_tuple=True)
-    return owner, base[owner, 1].long() + span[r_k], base[owner, 0].long() + span[c_k]
 
 
 def pixel_grid(shape: tuple[int, int], slide_mpp: float, mpp: float, tile_size: int, margin: int) -> TileGrid:

@@ -28,12 +28,12 @@ from typing import Any, TypeVar
 import torch
 
 from gcmoe.errors import ConfigError, UnknownNameError
+from gcmoe.files import file_sha256
 
 __all__ = [
     "Encoder",
     "EncoderConfig",
     "create_encoder",
-    "file_sha256",
     "list_encoders",
     "register_encoder",
     "requires_weights",
@@ -235,15 +235,6 @@ def requires_weights(name: str) -> bool:
     parameter has no default)."""
     param = inspect.signature(_lookup(name)[0]).parameters.get("weights")
     return param is not None and param.default is inspect.Parameter.empty
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def create_encoder(name: str, *, weights: str | os.PathLike | None = None, **kwargs: Any) -> Encoder:

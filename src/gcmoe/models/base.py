@@ -9,10 +9,12 @@ Shapes: ``features`` (B, D) -> ``prediction`` (B, G).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from gcmoe.models.inputs import InputGeometry, ModelInputs
 
 
 class ModelOutput(NamedTuple):
@@ -21,7 +23,13 @@ class ModelOutput(NamedTuple):
 
 
 class CellModel(nn.Module):
-    """Base class: holds the feature mean/std of the training cells as buffers (saved with the weights)."""
+    """Base class: holds the feature mean/std of the training cells as buffers (saved with the weights).
+
+    ``inputs`` declares what the model needs beyond its cells' features (:class:`ModelInputs`); a subclass
+    whose settings change it sets it per instance.
+    """
+
+    inputs: ClassVar[ModelInputs] = ModelInputs()
 
     def __init__(self, in_dim: int, n_genes: int) -> None:
         super().__init__()
@@ -37,6 +45,19 @@ class CellModel(nn.Module):
 
     def standardize(self, features: Tensor) -> Tensor:
         return (features - self.feature_mean) / self.feature_std
+
+    def input_geometry(self) -> InputGeometry:
+        """The sizes of the wider inputs this model was built for (windows, context grid, pixel tiles)."""
+        return InputGeometry()
+
+    @property
+    def routes(self) -> bool:
+        """Whether the model routes cells to experts (:meth:`routing` then gives the probabilities)."""
+        return False
+
+    def routing(self, **inputs: Tensor) -> Tensor:
+        """The routing probabilities (B, K) of a batch's inputs, for models that route."""
+        raise NotImplementedError(f"{type(self).__name__} does not route cells to experts")
 
     def on_validation_start(self, data, train_idx) -> None:
         """Called by the trainer before each validation pass with the run's ``CellData`` and the training

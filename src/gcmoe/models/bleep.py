@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gcmoe.models.base import CellModel, ModelOutput
+from gcmoe.models.inputs import ModelInputs
 from gcmoe.models.losses import contrastive_loss
 from gcmoe.models.registry import register_model
 
@@ -86,6 +87,8 @@ def retrieve(
 
 class BLEEP(CellModel):
     """Contrastive image/expression projection heads + k-nearest-neighbour retrieval from training cells."""
+
+    inputs = ModelInputs(targets=True)
 
     def __init__(
         self,
@@ -181,7 +184,7 @@ class BLEEP(CellModel):
 @register_model(
     "bleep", "BLEEP*",
     "contrastive image/expression embedding; prediction = similarity-weighted mean of the k nearest training cells",
-    needs={"targets"},
+    inputs=BLEEP.inputs,
 )
 def create_bleep(in_dim: int, n_genes: int, **params) -> BLEEP:
     return BLEEP(in_dim, n_genes, **params)

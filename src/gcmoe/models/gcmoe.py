@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from gcmoe.models.ablations import ABLATIONS
 from gcmoe.models.base import CellModel, ModelOutput
+from gcmoe.models.inputs import ModelInputs
 from gcmoe.models.layers import (
     ExpertCrossAttention,
     ExpertFFN,
@@ -83,6 +84,7 @@ class GCMoE(CellModel):
     ) -> None:
         super().__init__(in_dim, n_genes)
         self.moe, self.cap, self.c2ca = moe, cap, c2ca
+        self.inputs = self.inputs_for(moe, cap, c2ca)
         self.n_types = n_types
         self.n_experts = n_types if moe else 1
         self.window_um = float(window_um)
@@ -116,6 +118,20 @@ class GCMoE(CellModel):
             return self.router(z)
         hidden = self.router[0](z) + self.router_neighbours(context)
         return self.router[2](self.router[1](hidden))
+
+    @staticmethod
+    def inputs_for(moe: bool, cap: bool, c2ca: bool) -> ModelInputs:
+        """Routing labels always (K, and the router's supervision); C2CA neighbours and CAP graphs when on."""
+        return ModelInputs(cell_types=True, neighbours=c2ca, coexpression=cap)
+
+    @property
+    def routes(self) -> bool:
+        return self.moe
+
+    def routing(self, features: Tensor, neighbour_features: Tensor | None = None,
+                neighbour_offsets: Tensor | None = None, neighbour_mask: Tensor | None = None, **_: Tensor) -> Tensor:
+        """The router's probabilities pi (B, K)."""
+        return self.compute(features, neighbour_features, neighbour_offsets, neighbour_mask).routing
 
     def gene_vectors(self) -> Tensor:
         """The gene-wise prediction vectors W (K, G, d_out): CAP's GCN output, or the free heads."""
@@ -221,7 +237,7 @@ def _make_factory(switches: dict[str, bool]):
 
 
 for _name, (_display, _switches) in ABLATIONS.items():
-    _needs = {"cell_types"} | ({"neighbours"} if _switches["c2ca"] else set()) | ({"coexpression"} if _switches["cap"] else set())
     register_model(
-        _name, _display, f"GC-MoE with moe={_switches['moe']}, cap={_switches['cap']}, c2ca={_switches['c2ca']}", _needs
+        _name, _display, f"GC-MoE with moe={_switches['moe']}, cap={_switches['cap']}, c2ca={_switches['c2ca']}",
+        GCMoE.inputs_for(**_switches),
     )(_make_factory(_switches))

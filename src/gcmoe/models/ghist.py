@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gcmoe.errors import ConfigError
-from gcmoe.features.pixel_tiles import disc_pixels
 from gcmoe.models.base import CellModel, ModelOutput
+from gcmoe.models.inputs import InputGeometry, ModelInputs, PixelSpec
 from gcmoe.models.registry import register_model
+from gcmoe.ops import disc_pixels
 
 
 def _block(c_in: int, c_out: int, groups: int) -> nn.Sequential:
@@ -104,6 +105,8 @@ def pool_discs(maps: Tensor, tile_index: Tensor, cell_xy: Tensor, radius: float)
 class GHIST(CellModel):
     """A U-Net on raw pixel tiles -> per-pixel expression and nuclei maps, pooled within cell discs."""
 
+    inputs = ModelInputs(pixels=True)
+
     def __init__(
         self,
         in_dim: int,
@@ -145,11 +148,9 @@ class GHIST(CellModel):
     def cell_radius_px(self) -> float:
         return self.cell_radius_um / self.mpp
 
-    def tile_geometry(self) -> dict[str, float]:
-        """The tiling this model was built for (keyword arguments of
-        :func:`gcmoe.features.pixel_tiles.build_pixel_tiles`)."""
-        return {"mpp": self.mpp, "tile_size": self.tile_size, "margin": self.margin,
-                "nucleus_radius_um": self.nucleus_radius_um}
+    def input_geometry(self) -> InputGeometry:
+        """The pixel tiling this model was built for."""
+        return InputGeometry(pixels=PixelSpec(self.mpp, self.tile_size, self.margin, self.nucleus_radius_um))
 
     def maps(self, tile_pixels: Tensor) -> Tensor:
         """The U-Net's output (U, G + 1, T, T) for uint8 (or [0, 255] float) tiles (U, 3, T, T)."""
@@ -210,7 +211,7 @@ def _dihedral_inverse(x: Tensor, k: int, flip: bool) -> Tensor:
 @register_model(
     "ghist", "GHIST*",
     "U-Net from scratch on raw H&E pixel tiles; expression maps pooled within cell discs, nuclei map as aux task",
-    needs={"pixels"},
+    inputs=GHIST.inputs,
 )
 def create_ghist(in_dim: int, n_genes: int, **params) -> GHIST:
     return GHIST(in_dim, n_genes, **params)

@@ -27,12 +27,15 @@ import torch
 from torch import Tensor, nn
 
 from gcmoe.models.base import CellModel, ModelOutput
+from gcmoe.models.inputs import InputGeometry, ModelInputs, WindowSpec
 from gcmoe.models.layers import TransformerEncoder
 from gcmoe.models.registry import register_model
 
 
 class HisToGene(CellModel):
     """Transformer encoder over the cells of a window (HisToGene adapted to cells and frozen features)."""
+
+    inputs = ModelInputs(windows=True)
 
     def __init__(
         self,
@@ -76,6 +79,10 @@ class HisToGene(CellModel):
             out.append(self.encoder(tokens, window_mask[part]))
         return torch.cat(out)
 
+    def input_geometry(self) -> InputGeometry:
+        """The windows this model was built for."""
+        return InputGeometry(windows=WindowSpec(self.window_um, self.max_window_cells))
+
     def forward(
         self,
         features: Tensor,
@@ -97,7 +104,7 @@ class HisToGene(CellModel):
 @register_model(
     "histogene", "HisToGene*",
     "transformer over the cells of overlapping windows; each cell predicted from the window where it is most central",
-    needs={"windows"},
+    inputs=HisToGene.inputs,
 )
 def create_histogene(in_dim: int, n_genes: int, **params) -> HisToGene:
     return HisToGene(in_dim, n_genes, **params)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gcmoe.errors import UnknownNameError
+from gcmoe.models.inputs import ModelInputs
 
 
 @dataclass(frozen=True)
@@ -18,28 +19,23 @@ class ModelEntry:
     display_name: str
     factory: Callable[..., Any]
     description: str
-    # What the run must supply beyond cell features: "neighbours" (C2CA windows), "cell_types" (routing
-    # labels and K), "coexpression" (CAP graphs from the reference), "windows" (overlapping windows tiling
-    # each slide, with the model's ``window_um`` and ``max_window_cells``), "context" (a grid of context
-    # squares, with the model's ``context_um`` and ``context_size``), "targets" (the measured targets of the
-    # training batch as an input, for contrastive or multi-view losses), "pixels" (raw H&E tiles owning the
-    # batch's cells, with the model's ``tile_geometry()``; features.pixel_tiles). The pipeline reads this.
-    needs: frozenset[str] = frozenset()
+    inputs: ModelInputs = ModelInputs()  # what the run must supply beyond cell features
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(
-    name: str, display_name: str, description: str = "", needs: frozenset[str] | set[str] = frozenset()
-) -> Callable:
-    """Decorator: register ``factory(in_dim, n_genes, **params) -> CellModel`` under ``name``."""
+def register_model(name: str, display_name: str, description: str = "", inputs: ModelInputs = ModelInputs()) -> Callable:
+    """Decorator: register ``factory(in_dim, n_genes, **params) -> CellModel`` under ``name``.
+
+    ``inputs``: what the model needs beyond cell features (the model class's ``inputs``).
+    """
 
     def wrap(factory: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
         _REGISTRY[name] = ModelEntry(
-            name, display_name, factory, description or (factory.__doc__ or "").strip(), frozenset(needs)
+            name, display_name, factory, description or (factory.__doc__ or "").strip(), inputs
         )
         return factory
 
@@ -66,6 +62,7 @@ def list_models() -> list[str]:
 
 
 def get_model_entry(name: str) -> ModelEntry:
+    """The registry entry of ``name`` (factory, display name, inputs); an unknown name lists the valid ones."""
     _load_builtin()
     if name not in _REGISTRY:
         raise UnknownNameError(f"unknown model {name!r}; available models: {', '.join(sorted(_REGISTRY))}")

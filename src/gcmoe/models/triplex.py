@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from gcmoe.models.base import CellModel, ModelOutput
+from gcmoe.models.inputs import ContextSpec, InputGeometry, ModelInputs
 from gcmoe.models.layers import TransformerEncoder, offset_encoding, offset_encoding_dim
 from gcmoe.models.losses import expression_loss
 from gcmoe.models.registry import register_model
@@ -78,6 +79,8 @@ class CrossAttentionBlock(nn.Module):
 
 class TRIPLEX(CellModel):
     """Target, neighbour and global views of a cell, fused by cross-attention; multi-view loss."""
+
+    inputs = ModelInputs(neighbours=True, context=True, targets=True)
 
     def __init__(
         self,
@@ -171,6 +174,10 @@ class TRIPLEX(CellModel):
             fused=fused,
         )
 
+    def input_geometry(self) -> InputGeometry:
+        """The context grid this model was built for."""
+        return InputGeometry(context=ContextSpec(self.context_um, self.context_size))
+
     def forward(
         self,
         features: Tensor,
@@ -202,7 +209,7 @@ class TRIPLEX(CellModel):
 @register_model(
     "triplex", "TRIPLEX*",
     "own feature, C2CA-window neighbours and a grid of wide-context squares, fused by cross-attention; multi-view loss",
-    needs={"neighbours", "context", "targets"},
+    inputs=TRIPLEX.inputs,
 )
 def create_triplex(in_dim: int, n_genes: int, **params) -> TRIPLEX:
     return TRIPLEX(in_dim, n_genes, **params)

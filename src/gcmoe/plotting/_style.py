@@ -15,6 +15,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from gcmoe.files import atomic_path
+
 # colours of cell types / experts (colour-blind-safe Okabe-Ito first, then tab20 for many types)
 _OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#CC79A7", "#0072B2", "#D55E00", "#F0E442", "#000000"]
 DPI = 150
@@ -48,9 +50,8 @@ def save_figure(fig: Figure, stem: str | os.PathLike, formats: Sequence[str] = (
     written = []
     for fmt in formats:
         path = stem.with_name(f"{stem.name}.{fmt}")
-        tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, format=fmt, dpi=DPI)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=DPI)
         written.append(path)
     return written
 

@@ -113,7 +113,6 @@ def plot_run_gene_vectors(
     measured correlations of the first fold's held-out cells of the expert's type (all held-out cells when the
     type has fewer than 20).
     """
-    from gcmoe._constants import Key
     from gcmoe.plotting._run import RunFolderError, fold_names, read_predictions
     from gcmoe.training.checkpoint import load_model
 

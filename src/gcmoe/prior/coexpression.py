@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
+from gcmoe.data.normalisation import log_normalised
 from gcmoe.errors import GcmoeError, InvalidSampleError
+from gcmoe.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,10 @@ class CoexpressionPrior:
         path = Path(path)
         header = {"genes": self.genes, "types": self.types, "tau": self.tau, "n_cells": self.n_cells,
                   "missing_genes": self.missing_genes, "format": "gcmoe-coexpression-prior/1"}
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez_compressed(tmp, adjacency=np.packbits(self.adjacency, axis=-1), all_cells=np.packbits(self.all_cells, axis=-1),
-                            header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez_compressed(tmp, adjacency=np.packbits(self.adjacency, axis=-1),
+                                all_cells=np.packbits(self.all_cells, axis=-1),
+                                header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
         return path
 
     @classmethod
@@ -105,29 +106,49 @@ class CoexpressionPrior:
                    list(header["n_cells"]), list(header["missing_genes"]))
 
 
-def default_type_mapping(reference_types: Sequence[str], routing_types: Sequence[str]) -> dict[str, str]:
-    """Identity for reference types that are routing types; other names must be mapped explicitly."""
-    return {t: t for t in reference_types if t in set(routing_types)}
+def reference_type_mapping(reference, type_key: str = "cell_type", mapping: Mapping[str, str] | None = None,
+                           routing_types: Sequence[str] | None = None) -> dict[str, str]:
+    """Reference type name -> routing type: ``mapping`` when given, else the reference's own
+    (``uns["gcmoe"]["type_mapping"]``), else each reference type to the routing type of the same name (every
+    reference type when ``routing_types`` is None). Reference types absent from the result are left out."""
+    if mapping is not None:
+        return {str(k): str(v) for k, v in dict(mapping).items()}
+    own = reference.uns.get("gcmoe", {}).get("type_mapping")
+    if own:
+        return {str(k): str(v) for k, v in dict(own).items()}
+    ref_types = reference.obs[type_key].astype(str).unique() if type_key in reference.obs else []
+    return {t: t for t in ref_types if routing_types is None or t in set(routing_types)}
 
 
-def median_total(counts: np.ndarray | sp.spmatrix) -> float:
-    """The median library size (total over all genes) of the cells with any count; 1 when none has."""
-    total = np.asarray(counts.sum(axis=1)).ravel()
-    return float(np.median(total[total > 0])) if (total > 0).any() else 1.0
+def prior_from_files(reference: str | os.PathLike, genes: Sequence[str] | None = None,
+                     genes_of: str | os.PathLike | None = None, routing_types: Sequence[str] | None = None,
+                     mapping: str | os.PathLike | None = None, type_key: str = "cell_type",
+                     tau: float = 0.2) -> CoexpressionPrior:
+    """``gcmoe prior``: co-expression graphs from a reference .h5ad, with the target genes and type mapping
+    read from files.
 
-
-def log_normalised(counts: np.ndarray | sp.spmatrix, columns: np.ndarray, target: float | None = None) -> np.ndarray:
-    """log1p of ``counts[:, columns]`` scaled by each cell's total over ALL genes to the median total.
-
-    Totals come from the whole panel, so a handful of target genes does not create compositional
-    (anti-)correlations among themselves. ``target``: the library size to scale to (default: this set's
-    median; give the whole set's when normalising it block by block).
+    Parameters
+    ----------
+    genes
+        The target genes; else those of the Sample .h5ad ``genes_of``; else every gene of the reference.
+    routing_types
+        The routing types; default: the mapping's types in routing order (gcmoe.data.cell_types.ordered_types).
+    mapping
+        A YAML file ``{reference type: routing type}``; default: the reference's own, else the same names.
     """
-    total = np.asarray(counts.sum(axis=1)).reshape(-1, 1).astype(np.float64)
-    x = sp.csr_matrix(counts)[:, columns].toarray() if sp.issparse(counts) else np.asarray(counts)[:, columns]
-    x = x.astype(np.float64, copy=False)
-    target = median_total(counts) if target is None else float(target)
-    return np.log1p(np.divide(x * target, total, out=np.zeros_like(x), where=total > 0))
+    import anndata
+    import yaml
+
+    from gcmoe.data.cell_types import ordered_types
+
+    ref = anndata.read_h5ad(reference)
+    if genes is None:
+        genes = list(map(str, (anndata.read_h5ad(genes_of, backed="r") if genes_of else ref).var_names))
+    type_map = yaml.safe_load(Path(mapping).read_text()) if mapping else None
+    if routing_types is None:
+        routing_types = ordered_types(reference_type_mapping(ref, type_key, type_map).values())
+    return build_coexpression_prior(ref, list(genes), list(routing_types), type_key=type_key, mapping=type_map,
+                                    tau=tau)
 
 
 def correlation_graph(expr: np.ndarray, tau: float) -> np.ndarray:
@@ -163,10 +184,7 @@ def build_coexpression_prior(
     """
     if type_key not in reference.obs:
         raise PriorError(f"the reference has no obs['{type_key}'] column; columns are {list(reference.obs.columns)}")
-    if mapping is None:
-        mapping = dict(reference.uns.get("gcmoe", {}).get("type_mapping", {})) or default_type_mapping(
-            reference.obs[type_key].astype(str).unique(), routing_types
-        )
+    mapping = reference_type_mapping(reference, type_key, mapping, routing_types)
     unknown_targets = sorted({v for v in mapping.values() if v not in set(routing_types)})
     if unknown_targets:
         raise PriorError(f"the type mapping sends reference types to {unknown_targets}, which are not routing types {list(routing_types)}")

@@ -12,7 +12,6 @@ renamed; the checksum detects a damaged or swapped weights file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from gcmoe.errors import GcmoeError
+from gcmoe.files import atomic_path, file_sha256, write_text
 from gcmoe.models import create_model, get_model_entry
 
 FORMAT = "gcmoe-model/1"
@@ -29,15 +29,6 @@ FORMAT = "gcmoe-model/1"
 
 class CheckpointError(GcmoeError, OSError):
     """A model folder is missing a file, damaged, or of another format."""
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB pieces."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_model(
@@ -55,9 +46,8 @@ def save_model(
     plain = {k: v for k, v in params.items() if not isinstance(v, Tensor)}
     tensor_shapes = {k: list(v.shape) for k, v in params.items() if isinstance(v, Tensor)}
     weights = folder / "model.safetensors"
-    tmp = folder / ".model.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, weights)
+    with atomic_path(weights) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     entry = get_model_entry(name)
     meta = {
         "format": FORMAT,
@@ -67,11 +57,11 @@ def save_model(
         "n_genes": int(model.n_genes),
         "params": plain,
         "tensor_params": tensor_shapes,
-        "weights_sha256": sha256_file(weights),
+        "weights_sha256": file_sha256(weights),
         **metadata,
     }
-    _atomic_text(folder / "model.json", json.dumps(meta, indent=2))
-    _atomic_text(folder / "README.md", model_card(meta))
+    write_text(folder / "model.json", json.dumps(meta, indent=2))
+    write_text(folder / "README.md", card_markdown(meta))
     return folder
 
 
@@ -91,7 +81,7 @@ def load_model(folder: str | os.PathLike, device: str = "cpu") -> tuple[torch.nn
         raise CheckpointError(f"{meta_path} is not valid JSON ({exc})") from exc
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{folder}: unknown model format {meta.get('format')!r} (this gcmoe reads {FORMAT})")
-    if sha256_file(weights) != meta.get("weights_sha256"):
+    if file_sha256(weights) != meta.get("weights_sha256"):
         raise CheckpointError(f"{weights} does not match the checksum in model.json: the file is damaged or was replaced")
     params = dict(meta["params"]) | {k: torch.zeros(shape) for k, shape in meta.get("tensor_params", {}).items()}
     model = create_model(meta["model"], meta["in_dim"], meta["n_genes"], **params)
@@ -103,7 +93,7 @@ def load_model(folder: str | os.PathLike, device: str = "cpu") -> tuple[torch.nn
     return model.to(device).eval(), meta
 
 
-def model_card(meta: dict[str, Any]) -> str:
+def card_markdown(meta: dict[str, Any]) -> str:
     """The model folder's README: what the model predicts, from what, trained on what, how well."""
     lines = [
         f"# {meta['display_name']} (`{meta['model']}`)",
@@ -124,8 +114,3 @@ def model_card(meta: dict[str, Any]) -> str:
     ]
     return "\n".join(lines) + "\n"
 
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gcmoe.training.checkpoint import CheckpointError, sha256_file
+from gcmoe.files import file_sha256, publish, temporary_path
+from gcmoe.training.checkpoint import CheckpointError
 
 FORMAT = "gcmoe-training-state/1"
 _PREFIX = "epoch-"
@@ -70,7 +71,8 @@ def save_training_state(folder: str | os.PathLike, state: TrainingState, fingerp
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     name = f"{_PREFIX}{state.epoch:06d}"
-    tmp = folder / f".{name}.tmp"
+    final = folder / name
+    tmp = temporary_path(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     tensors: dict[str, Tensor] = {}
@@ -96,12 +98,10 @@ def save_training_state(folder: str | os.PathLike, state: TrainingState, fingerp
         "numpy_rng": [state.numpy_rng[0], int(state.numpy_rng[2]), int(state.numpy_rng[3]), float(state.numpy_rng[4])],
         "scaler": dict(state.scaler or {}),
         "fingerprint": dict(fingerprint),
-        "sha256": sha256_file(tmp / "state.safetensors"),
+        "sha256": file_sha256(tmp / "state.safetensors"),
     }
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    final = folder / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    publish(tmp, final)
     for old in folder.glob(f"{_PREFIX}*"):
         if old != final and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
@@ -136,7 +136,7 @@ def load_training_state(folder: str | os.PathLike, fingerprint: Mapping[str, Any
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown training-state format {meta.get('format')!r}")
     weights = path / "state.safetensors"
-    if not weights.is_file() or sha256_file(weights) != meta.get("sha256"):
+    if not weights.is_file() or file_sha256(weights) != meta.get("sha256"):
         raise CheckpointError(f"{weights} is missing or does not match its checksum: the checkpoint is damaged; "
                               f"delete {path} to resume from scratch")
     saved = meta.get("fingerprint", {})

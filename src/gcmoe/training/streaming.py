@@ -16,7 +16,7 @@ piece of tissue and its cells' neighbours lie in the same or nearby chunks.
 (plus the "halo" rows their cells' neighbours point to), shuffles their training cells and cuts batches;
 validation and prediction read the chunks in order. At any moment it holds one buffer: memory does not grow
 with the number of cells. Batches mix ``buffer_chunks`` pieces of tissue instead of the whole slide — the
-price of bounded memory (in-memory :class:`~gcmoe.training.trainer.CellData` shuffles over all cells).
+price of bounded memory (in-memory :class:`~gcmoe.training.cells.CellData` shuffles over all cells).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ import torch
 from torch import Tensor
 
 from gcmoe.errors import FeatureCacheError
+from gcmoe.files import publish, temporary_path
+from gcmoe.training.cells import CellData
 
 FORMAT = "gcmoe-cell-store/1"
 DEFAULT_CHUNK = 16_384
@@ -86,7 +88,7 @@ class CellStoreWriter:
         if n_cells < 1:
             raise ValueError("a cell store needs at least one cell")
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.tmp = temporary_path(self.path)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.n_cells, self.chunk = int(n_cells), int(min(chunk, n_cells))
@@ -129,8 +131,7 @@ class CellStoreWriter:
         self.meta["digest"] = self.digest.hexdigest()[:20]
         self.meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         (self.tmp / "meta.json").write_text(json.dumps(self.meta, indent=1))
-        shutil.rmtree(self.path, ignore_errors=True)
-        os.replace(self.tmp, self.path)
+        publish(self.tmp, self.path)
         return CellStore(self.path)
 
 
@@ -241,10 +242,12 @@ class StreamingCells:
             return base
         return base + ":" + hashlib.sha256(self.columns.tobytes()).hexdigest()[:12]
 
+    def digests(self) -> dict[str, str]:
+        """The store's digest for both the features and the targets (the protocol's ``digests``)."""
+        return {"features": self.digest(), "targets": self.digest()}
+
     def _buffer(self, chunks: list[int]):
         """A CellData over the rows of ``chunks`` plus their neighbours' rows; returns (data, global row ids)."""
-        from gcmoe.training.trainer import CellData
-
         s, c = self.store, self.store.chunk
         ranges = [(k * c, min((k + 1) * c, s.n_cells)) for k in sorted(chunks)]
         own = np.concatenate([np.arange(a, b) for a, b in ranges])
@@ -299,8 +302,10 @@ class StreamingCells:
             release_memory()
 
     def eval_batches(self, idx: np.ndarray, batch_size: int) -> Iterator[tuple[Any, Tensor, np.ndarray]]:
-        """(buffer CellData, local rows, positions of those cells in ``idx``), chunk by chunk."""
+        """(buffer CellData, local rows, positions of those cells in ``idx``), chunk by chunk; batches of at
+        most ``eval_batch_size`` cells."""
         idx = np.asarray(idx)
+        batch_size = min(batch_size, self.eval_batch_size)
         chunk_of = idx // self.store.chunk
         for k in np.unique(chunk_of):
             where = np.flatnonzero(chunk_of == k)

@@ -119,16 +119,3 @@ def no_mpp_reason(path: Path) -> str:
 def differs(a: float | None, b: float | None, tolerance: float = 0.05) -> bool:
     """True when both values are known and differ by more than ``tolerance`` (relative)."""
     return a is not None and b is not None and abs(a - b) > tolerance * max(abs(a), abs(b))
-
-
-def uns_safe(value: Any) -> Any:
-    """Provenance as h5ad can store it: None dropped, numpy scalars to Python, tuples to lists."""
-    if isinstance(value, Mapping):
-        return {str(k): uns_safe(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [uns_safe(v) for v in value if v is not None]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (str, int, float, bool, np.ndarray)):
-        return value
-    return str(value)

@@ -19,9 +19,10 @@ import scipy.sparse as sp
 
 from gcmoe._constants import Key, UnsKey
 from gcmoe.data.image import image_mpp, open_image
-from gcmoe.data.readers._common import choose_mpp, inside_image, no_mpp_reason, uns_safe
+from gcmoe.data.readers._common import choose_mpp, inside_image, no_mpp_reason
 from gcmoe.data.sample import Sample
 from gcmoe.errors import InvalidSampleError
+from gcmoe.files import plain_values
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def read_h5ad(
     sample = Sample.from_arrays(
         counts[rows], xy[rows], slide, mpp, list(map(str, adata.var_names)), sample_id,
         cell_ids=list(adata.obs_names[rows]), cell_type=None if cell_type is None else cell_type[rows],
-        obs=obs if obs.shape[1] else None, provenance=uns_safe(provenance),
+        obs=obs if obs.shape[1] else None, provenance=plain_values(provenance, h5ad=True),
     )
     if len(adata.var.columns):
         sample.adata.var = pd.concat([sample.adata.var, adata.var.set_axis(sample.adata.var_names)], axis=1)

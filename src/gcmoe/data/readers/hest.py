@@ -30,11 +30,12 @@ import pandas as pd
 
 from gcmoe._constants import Key, UnsKey
 from gcmoe.data.image import open_image
-from gcmoe.data.readers._common import choose_mpp, differs, inside_image, uns_safe
+from gcmoe.data.readers._common import choose_mpp, differs, inside_image
 from gcmoe.data.readers.polygons import read_polygons
 from gcmoe.data.readers.transcripts import MIN_QV, aggregate_transcripts
 from gcmoe.data.sample import Sample
 from gcmoe.errors import InvalidSampleError
+from gcmoe.files import plain_values
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ def read_hest(
     }
     sample = Sample.from_arrays(
         tc.counts[rows], xy[rows], image, mpp, tc.genes, sample_id,
-        cell_ids=[tc.cell_ids[i] for i in rows], obs=obs, provenance=uns_safe(provenance),
+        cell_ids=[tc.cell_ids[i] for i in rows], obs=obs, provenance=plain_values(provenance, h5ad=True),
     )
     if embedded is not None and differs(embedded, mpp):
         sample.adata.uns[Key.UNS][UnsKey.MPP_EMBEDDED] = float(embedded)

@@ -36,11 +36,12 @@ import scipy.sparse as sp
 
 from gcmoe._constants import Key, UnsKey
 from gcmoe.data.image import image_mpp, open_image
-from gcmoe.data.readers._common import check_mpp, differs, inside_image, plausible_mpp, uns_safe
+from gcmoe.data.readers._common import check_mpp, differs, inside_image, plausible_mpp
 from gcmoe.data.readers.polygons import as_str_id
 from gcmoe.data.readers.transcripts import is_control_feature
 from gcmoe.data.sample import Sample
 from gcmoe.errors import InvalidSampleError
+from gcmoe.files import plain_values
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +311,7 @@ def read_xenium(
     }
     sample = Sample.from_arrays(
         counts[np.flatnonzero(keep)], he_xy[keep], slide, used, list(names[is_gene]), sample_id,
-        cell_ids=cells.loc[keep, XeniumKeys.CELL_ID].tolist(), obs=obs, provenance=uns_safe(provenance),
+        cell_ids=cells.loc[keep, XeniumKeys.CELL_ID].tolist(), obs=obs, provenance=plain_values(provenance, h5ad=True),
     )
     sample.adata.obsm["spatial_um"] = um[keep]
     if mpp_image is not None and differs(mpp_image, used):

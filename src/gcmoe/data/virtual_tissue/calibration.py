@@ -1,4 +1,4 @@
-"""The statistics the virtual tissue is calibrated on (DESIGN section 4), for any cells x genes AnnData.
+"""The statistics the virtual tissue is calibrated on (docs/virtual_tissue.md, Calibration), for any cells x genes AnnData.
 
 Every statistic reads raw counts (``layers["counts"]``); "log1p" means log1p of raw counts. The top-50 highly
 variable genes (HVG) are scanpy's ``highly_variable_genes(flavor="seurat", n_top_genes=50)`` on log1p counts.
@@ -15,7 +15,8 @@ from anndata import AnnData
 
 from gcmoe._constants import Key
 
-# Measured on the seed paper's 10x Xenium breast crop (5,508 cells, 280 genes, 9 cell types); DESIGN section 4.
+# Measured on the seed paper's 10x Xenium breast crop (5,508 cells, 280 genes, 9 cell types),
+# from its public expression (the CSV that GHIST's repository ships).
 REAL_XENIUM_BREAST: dict[str, float] = {
     "total_counts_median": 89.0,
     "total_counts_p10": 36.0,
@@ -113,7 +114,7 @@ def calibration_statistics(adata: AnnData, routing_key: str = Key.CELL_TYPE, sub
                            area_key: str = "nucleus_area_um2", pair_types: tuple[str, ...] = ("T_cell", "malignant",
                                                                                                "fibroblast"),
                            n_top: int = 50, n_folds: int = 5) -> dict[str, float]:
-    """The DESIGN table's statistics for one slide (keys as in ``REAL_XENIUM_BREAST``).
+    """The calibration statistics for one slide (keys as in ``REAL_XENIUM_BREAST``).
 
     Statistics whose inputs are missing (no subtype column, no nucleus areas) are NaN.
     """

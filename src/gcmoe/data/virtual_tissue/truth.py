@@ -148,7 +148,7 @@ def expected_target(adata: AnnData, transform: Literal["log1p", "none"] = "log1p
         ``"log1p"``: target = log1p(counts); ``"none"``: raw counts.
     normalize_total
         When set, counts are first scaled to this total per cell (over the genes of ``adata``), as
-        ``gcmoe.data.genes.compute_targets`` does; the expectation is then Monte Carlo.
+        ``gcmoe.data.normalisation.compute_targets`` does; the expectation is then Monte Carlo.
     n_draws, seed
         Monte Carlo draws and seed (used only with ``normalize_total``).
 

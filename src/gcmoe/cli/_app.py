@@ -1,0 +1,97 @@
+"""What the commands share: the ``app``, logging, error reporting, the slide options and the run settings."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gcmoe.errors import GcmoeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Predict single-cell gene expression from H&E slides (GC-MoE and baselines).",
+)
+
+
+def setup_logging(verbose: bool) -> None:
+    """Log to the terminal through rich (DEBUG with ``verbose``), third-party chatter at WARNING."""
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, show_time=False)],
+        force=True,
+    )
+    for noisy in ("numba", "h5py", "matplotlib", "PIL", "fsspec", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def print_table(results: dict, out: Path) -> None:
+    """The mean PCC of every method (and the ceiling) of a results mapping, as a terminal table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for name, d in results["datasets"].items():
+        table = Table(title=f"{name}: mean per-gene PCC over {d['n_genes_eval']} genes ({d['n_cells']} cells, "
+                      f"{len(d['fold_names'])} folds)")
+        table.add_column("Method")
+        table.add_column("PCC (mean ± std)", justify="center")
+        for model, entry in d["models"].items():
+            table.add_row(model, f"{entry['mean']:.3f} ± {entry['std']:.3f}")
+        if d.get("ceiling") is not None:
+            table.add_row("[italic]ceiling[/italic]", f"{d['ceiling']:.3f} ± {d['ceiling_std']:.3f}")
+        console.print(table)
+    console.print(f"Results written to [bold]{out}[/bold] (results.md, results.json, per_gene.csv, config.yaml, log.txt)")
+
+
+# Options shared by the commands that read slides (cv, train, convert); docs/data.md describes the formats.
+FormatOpt = Annotated[Optional[str], typer.Option("--format", help="Layout of --data: auto (detect), sample (gcmoe .h5ad), hest (HEST-1k root), xenium (10x output folder), h5ad (AnnData + --image).")]
+SampleIdOpt = Annotated[Optional[list[str]], typer.Option("--sample-id", help="HEST: the sample id(s) to read from the root (e.g. TENX95); repeatable.")]
+ImageOpt = Annotated[Optional[Path], typer.Option("--image", help="h5ad/xenium: the H&E image the cells lie on (TIFF; .svs/.ndpi with the openslide extra).")]
+MppOpt = Annotated[Optional[float], typer.Option("--mpp", help="Micrometres per H&E pixel (default: from the data's metadata or the TIFF tags).")]
+CellTypeKeyOpt = Annotated[Optional[str], typer.Option("--cell-type-key", help="obs column holding cell types (any names, any number).")]
+StreamOpt = Annotated[bool, typer.Option("--stream", help="Train from an on-disk cell store in shuffled chunks (flat memory; ST-Net* and GC-MoE models): docs/scale.md.")]
+
+
+def run_config_from(config: Path | None, data: list[Path] | None, reference: Path | None, out: Path | None,
+                models: str | None = None, *, fmt: str | None = None, sample_ids: list[str] | None = None,
+                image: Path | None = None, mpp: float | None = None, cell_type_key: str | None = None,
+                stream: bool = False):
+    """Settings from the YAML file (or the defaults), overridden by the command-line flags."""
+    from gcmoe.config import RunConfig, from_dict, load_config, to_dict
+
+    run_config = load_config(config) if config else RunConfig()
+    if data:
+        run_config.data.source = "samples"
+        run_config.data.samples = [str(p) for p in data]
+    flags = {"format": fmt, "sample_ids": sample_ids or None, "image": str(image) if image else None, "mpp": mpp,
+             "cell_type_key": cell_type_key}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if flags:  # through from_dict so a flag is checked like the same key in a YAML file
+        run_config.data = from_dict(type(run_config.data), {**to_dict(run_config.data), **flags}, "command line")
+    if reference:
+        run_config.data.reference = str(reference)
+    if models:
+        run_config.models = [m.strip() for m in models.split(",") if m.strip()]
+    if out:
+        run_config.out = str(out)
+    if stream:
+        run_config.train.stream = True
+    return run_config
+
+
+def fail(exc: GcmoeError) -> None:
+    """Report a user error in red and exit with status 2."""
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def split_names(text: str | None) -> list[str] | None:
+    """A comma-separated list as names (None when empty)."""
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
