@@ -185,6 +185,16 @@ def _dataset_tables(name: str, d: dict[str, Any]) -> list[str]:
     ]
     if d.get("ceiling_folds"):
         fold_rows.append("<tr><td><i>ceiling</i></td>" + "".join(f"<td>{_num(v)}</td>" for v in d["ceiling_folds"]) + "</tr>")
+    types = sorted({t for e in models.values() for t in e.get("per_type", {})})
+    type_rows = [
+        f"<tr><td>{_e(m)}</td>" + "".join(f"<td>{_num(e['per_type'].get(t))}</td>" for t in types) + "</tr>"
+        for m, e in models.items() if e.get("per_type")
+    ]
+    by_type = ([
+        "<p>PCC within each cell type (the test cells of one routing type, mean over folds):</p>"
+        "<table><thead><tr><th>Method</th>" + "".join(f"<th>{_e(t)}</th>" for t in types) + "</tr></thead><tbody>"
+        + "".join(type_rows) + "</tbody></table>"] if type_rows else [])
+    warnings = [f"<p><b>Warning:</b> {_e(w)}</p>" for w in d.get("warnings", [])]
     return [
         f'<h2 id="results-{_e(name)}">{_e(name)}</h2>',
         f"<p>{d.get('n_cells', '?')} cells, {d.get('n_genes_eval', '?')} evaluated genes, {len(folds)} folds "
@@ -195,6 +205,8 @@ def _dataset_tables(name: str, d: dict[str, Any]) -> list[str]:
         "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>",
         "<table><thead><tr><th>Method</th>" + "".join(f"<th>{_e(f)}</th>" for f in folds) + "</tr></thead><tbody>"
         + "".join(fold_rows) + "</tbody></table>",
+        *by_type,
+        *warnings,
     ]
 
 

@@ -81,3 +81,26 @@ def test_plot_commands(tiny_run, tmp_path):
     assert result.exit_code == 2 and "not evaluated" in result.output
     result = runner.invoke(app, ["plot", "cv", str(tmp_path)])
     assert result.exit_code == 2 and "not a gcmoe run folder" in result.output
+
+
+def test_results_carry_the_pcc_within_each_cell_type(tiny_run):
+    """per_type in results.json = the mean over folds of the PCC among each type's test cells; in results.md
+    and the report too; a routing type with few training cells is named in a warning."""
+    import json
+
+    from gcmoe.evaluation.metrics import score_by_type
+
+    dataset = next(iter(json.loads((tiny_run / "results.json").read_text())["datasets"].values()))
+    folds = [anndata.read_h5ad(p) for p in sorted((tiny_run / "predictions").glob("*.h5ad"))]
+    for name, display in (("stnet", "ST-Net*"), ("gcmoe", "GC-MoE")):
+        per_fold = [score_by_type(f.layers[name], np.asarray(f.X), f.obs["routing_label"].astype(str).to_numpy())
+                    for f in folds]
+        want = {t: np.mean([s[t] for s in per_fold if t in s]) for t in {t for s in per_fold for t in s}}
+        got = dataset["models"][display]["per_type"]
+        assert set(got) == set(want) and got
+        np.testing.assert_allclose([got[t] for t in sorted(got)], [want[t] for t in sorted(got)], atol=1e-6)
+    md = (tiny_run / "results.md").read_text()
+    assert "PCC within each cell type" in md
+    for warning in dataset.get("warnings", []):
+        assert "training cells (< 50)" in warning and warning in md
+    assert dataset.get("warnings"), "a 300-cell tissue in 3 strips leaves some type with under 50 training cells"

@@ -119,6 +119,25 @@ def fold_table(name: str, dataset: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def type_table(dataset: dict[str, Any]) -> str | None:
+    """Markdown table of the PCC within each routing type's test cells (mean over folds), or None without types.
+
+    Columns: the routing types, with their cell counts; a blank where a type had under 10 test cells in
+    every fold.
+    """
+    types = sorted({t for e in dataset["models"].values() for t in e.get("per_type", {})})
+    if not types:
+        return None
+    cells = dataset.get("routing", {}).get("cells_per_type", {})
+    head = [f"{t} ({cells[t]})" if t in cells else t for t in types]
+    lines = ["| Method | " + " | ".join(head) + " |", "|---|" + "|".join([":---:"] * len(types)) + "|"]
+    for m, e in dataset["models"].items():
+        per = e.get("per_type")
+        if per:
+            lines.append(f"| {m} | " + " | ".join(f"{per[t]:.3f}" if t in per else "–" for t in types) + " |")
+    return "\n".join(lines)
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """The whole results.md: Table 1, per-fold detail and notes on excluded genes."""
     parts = [
@@ -146,6 +165,15 @@ def results_markdown(results: dict[str, Any]) -> str:
             "",
             fold_table(name, d),
         ]
+        by_type = type_table(d)
+        if by_type:
+            parts += ["", f"## {name}: PCC within each cell type", "",
+                      "Mean over folds of the per-gene PCC among the test cells of one routing type (its label, not "
+                      "the router's guess; cells per type in brackets): how well a model orders the cells of a "
+                      "type, which the overall PCC, dominated by differences between types, does not show.", "",
+                      by_type]
+        for warning in d.get("warnings", []):
+            parts += ["", f"Warning: {warning}"]
         excluded = {m: sorted({g for fold in e.get("excluded_genes", []) for g in fold}) for m, e in d["models"].items()}
         excluded = {m: genes for m, genes in excluded.items() if genes}
         if excluded:

@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MIN_EXPERT_CELLS = 50  # training cells of a routing type below which its expert is flagged
+
 
 def run_cv(config: RunConfig, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Run the cross-validated comparison described by ``config``; write and return the results mapping.
@@ -83,6 +85,7 @@ def run_cv(config: RunConfig, progress: bool = True, resume: bool = False) -> di
             if k == 0 and prior is not None:
                 prior_summary = prior.summary()
             targets_t, true_test = targets.of_fold(fold, genes, pooled, config)
+            tally.few_cells(run, fold, entries)
             if pooled.expected is not None:
                 cols = [pooled.genes.index(g) for g in genes]
                 tally.ceiling(fold.name, score_genes(pooled.expected[np.ix_(fold.test, cols)], true_test, genes))
@@ -188,6 +191,20 @@ class _Tally:
     ceiling_folds: list[float] = field(default_factory=list)
     per_gene_rows: list[dict[str, Any]] = field(default_factory=list)
     n_genes_eval: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def few_cells(self, run: RunData, fold: Fold, entries: list[ModelEntry]) -> None:
+        """Warn about routing types with too few training cells for an expert of their own."""
+        if run.routing is None or not any(e.inputs.cell_types for e in entries):
+            return
+        counts = np.bincount(run.routing.codes[fold.train][run.routing.codes[fold.train] >= 0],
+                             minlength=len(run.routing.types))
+        for t, n in zip(run.routing.types, counts):
+            if n < MIN_EXPERT_CELLS:
+                message = (f"{fold.name}: routing type {t!r} has {n} training cells (< {MIN_EXPERT_CELLS}); its "
+                           "expert is fit on too few cells: merge it into a related type (prior.mapping) or add data")
+                log.warning(message)
+                self.warnings.append(message)
 
     def ceiling(self, fold_name: str, scores) -> None:
         self.ceiling_folds.append(scores.mean)
@@ -207,6 +224,14 @@ class _Tally:
         if done["routing"] is not None:
             rec.setdefault("routing_accuracy_folds", []).append(
                 float((done["routing"].argmax(1) == run.routing.codes[fold.test]).mean()))
+        if run.routing is not None:  # PCC within each routing type's test cells (labels, not the router's guess)
+            from gcmoe.evaluation.metrics import score_by_type
+
+            codes = run.routing.codes[fold.test]
+            known = codes >= 0
+            labels = np.asarray(run.routing.types, dtype=object)[codes[known]]
+            rec.setdefault("per_type_folds", []).append(
+                score_by_type(done["prediction"][known], true_test[known], labels))
         self.per_gene_rows += gene_rows(entry.display_name, fold.name, scores)
         log.info("%s %s: mean PCC %.4f over %d genes (best epoch %d, %.1f s)", entry.display_name, fold.name,
                  scores.mean, len(genes) - len(scores.excluded), done["best_epoch"], done["seconds"])
@@ -220,6 +245,9 @@ class _Tally:
             rec["mean"], rec["std"] = summarize_folds(rec["folds"])
             if "routing_accuracy_folds" in rec:
                 rec["routing_accuracy"] = float(np.mean(rec["routing_accuracy_folds"]))
+            if "per_type_folds" in rec:
+                types = sorted({t for f in rec["per_type_folds"] for t in f})
+                rec["per_type"] = {t: float(np.mean([f[t] for f in rec["per_type_folds"] if t in f])) for t in types}
             if ceiling:
                 rec["share_of_ceiling"] = rec["mean"] / ceiling
         dataset = {
@@ -237,6 +265,8 @@ class _Tally:
         }
         if run.routing is not None:
             dataset["routing"] = run.routing.report
+        if self.warnings:
+            dataset["warnings"] = self.warnings
         if prior_summary is not None:
             dataset["prior"] = prior_summary | {"note": "co-expression graphs of fold 1's genes"}
         return dataset
