@@ -106,6 +106,8 @@ class DataConfig:
     image: str | None = None  # h5ad/xenium: the H&E image the cells lie on
     mpp: float | None = None  # micrometres per H&E pixel; None: from the file (uns, metadata, alignment, TIFF tags)
     cell_type_key: str | None = None  # obs column with cell types, copied to obs["cell_type"]
+    coords: Literal["auto", "px", "um"] = "auto"  # h5ad: unit of the centres; auto: um for spatialdata-io tables, else px
+    xy_columns: list[str] | None = None  # h5ad: obs columns [x, y] (image column, row) instead of obsm["spatial"]
     min_qv: float = 20.0  # HEST: transcripts below this Phred quality are dropped
     reference: str | None = None  # labelled reference scRNA-seq .h5ad (CAP priors, label transfer); virtual: generated
     routing_labels: Literal["auto", "obs", "transfer"] = "auto"  # auto: obs["cell_type"] when every sample has it
