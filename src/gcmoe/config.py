@@ -108,6 +108,8 @@ class DataConfig:
     cell_type_key: str | None = None  # obs column with cell types, copied to obs["cell_type"]
     coords: Literal["auto", "px", "um"] = "auto"  # h5ad: unit of the centres; auto: um for spatialdata-io tables, else px
     xy_columns: list[str] | None = None  # h5ad: obs columns [x, y] (image column, row) instead of obsm["spatial"]
+    alignment: str | None = None  # xenium: H&E alignment file, or "identity"; None: found in the folder, else an error
+    keypoint_units: Literal["auto", "um", "px"] = "auto"  # xenium: unit of a keypoints CSV's fixedX/fixedY
     min_qv: float = 20.0  # HEST: transcripts below this Phred quality are dropped
     reference: str | None = None  # labelled reference scRNA-seq .h5ad (CAP priors, label transfer); virtual: generated
     routing_labels: Literal["auto", "obs", "transfer"] = "auto"  # auto: obs["cell_type"] when every sample has it
