@@ -60,6 +60,7 @@ CoordsOpt = Annotated[Optional[str], typer.Option("--coords", help="h5ad: unit o
 XyColumnsOpt = Annotated[Optional[str], typer.Option("--xy-columns", help="h5ad: two obs columns holding the centres, x (image column) then y (image row), e.g. y_pixel,x_pixel; default obsm['spatial'].")]
 AlignmentOpt = Annotated[Optional[str], typer.Option("--alignment", help="xenium: the H&E alignment (10x *_he_imagealignment.csv, Xenium Explorer *_matrix.csv, *_alignment_files.zip or keypoints CSV), or identity if the H&E is the morphology image's pixel grid; default: found in the folder.")]
 KeypointUnitsOpt = Annotated[Optional[str], typer.Option("--keypoint-units", help="xenium: unit of a keypoints CSV's fixedX/fixedY: um, px (morphology pixels) or auto (from the pixel sizes each implies).")]
+SegmentationOpt = Annotated[Optional[str], typer.Option("--segmentation", help="HEST: which polygons make the cells: cell or nucleus (10x's, xenium_seg/), cellvit (CellViT's nuclei on the H&E, cellvit_seg/) or none.")]
 CellTypeKeyOpt = Annotated[Optional[str], typer.Option("--cell-type-key", help="obs column holding cell types (any names, any number).")]
 StreamOpt = Annotated[bool, typer.Option("--stream", help="Train from an on-disk cell store in shuffled chunks (flat memory; ST-Net* and GC-MoE models): docs/scale.md.")]
 
@@ -68,7 +69,7 @@ def _run_config(config: Path | None, data: list[Path] | None, reference: Path | 
                 models: str | None = None, *, fmt: str | None = None, sample_ids: list[str] | None = None,
                 image: Path | None = None, mpp: float | None = None, cell_type_key: str | None = None,
                 stream: bool = False, coords: str | None = None, xy_columns: str | None = None,
-                alignment: str | None = None, keypoint_units: str | None = None):
+                alignment: str | None = None, keypoint_units: str | None = None, segmentation: str | None = None):
     """Settings from the YAML file (or the defaults), overridden by the command-line flags."""
     from gcmoe.config import RunConfig, from_dict, load_config, to_dict
 
@@ -78,7 +79,7 @@ def _run_config(config: Path | None, data: list[Path] | None, reference: Path | 
         run_config.data.samples = [str(p) for p in data]
     flags = {"format": fmt, "sample_ids": sample_ids or None, "image": str(image) if image else None, "mpp": mpp,
              "cell_type_key": cell_type_key, "coords": coords, "xy_columns": _split(xy_columns) if xy_columns else None,
-             "alignment": alignment, "keypoint_units": keypoint_units}
+             "alignment": alignment, "keypoint_units": keypoint_units, "segmentation": segmentation}
     flags = {k: v for k, v in flags.items() if v is not None}
     if flags:  # through from_dict so a flag is checked like the same key in a YAML file
         run_config.data = from_dict(type(run_config.data), {**to_dict(run_config.data), **flags}, "command line")
@@ -134,6 +135,7 @@ def cv(
     xy_columns: XyColumnsOpt = None,
     alignment: AlignmentOpt = None,
     keypoint_units: KeypointUnitsOpt = None,
+    segmentation: SegmentationOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Reuse the finished (model, fold) pairs and training checkpoints in OUT.")] = False,
     stream: StreamOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -145,7 +147,7 @@ def cv(
     try:
         run_config = _run_config(config, data, reference, out, models, fmt=fmt, sample_ids=sample_id, image=image,
                                  mpp=mpp, cell_type_key=cell_type_key, stream=stream, coords=coords, xy_columns=xy_columns,
-                                 alignment=alignment, keypoint_units=keypoint_units)
+                                 alignment=alignment, keypoint_units=keypoint_units, segmentation=segmentation)
         results = run_cv(run_config, resume=resume)
     except GcmoeError as exc:
         _fail(exc)
@@ -166,6 +168,7 @@ def train(
     xy_columns: XyColumnsOpt = None,
     alignment: AlignmentOpt = None,
     keypoint_units: KeypointUnitsOpt = None,
+    segmentation: SegmentationOpt = None,
     reference: Annotated[Optional[Path], typer.Option(help="Labelled reference scRNA-seq .h5ad (GC-MoE's priors).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder; the model goes to OUT/model.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUT/checkpoints.")] = False,
@@ -180,7 +183,7 @@ def train(
     try:
         run_config = _run_config(config, data, reference, out, fmt=fmt, sample_ids=sample_id, image=image, mpp=mpp,
                                  cell_type_key=cell_type_key, stream=stream, coords=coords, xy_columns=xy_columns,
-                                 alignment=alignment, keypoint_units=keypoint_units)
+                                 alignment=alignment, keypoint_units=keypoint_units, segmentation=segmentation)
         run_config.train.device = init_from_env(run_config.train.device)  # under torchrun: join the group
         folder = train_model(run_config, model, resume=resume)
     except GcmoeError as exc:
@@ -346,6 +349,7 @@ def convert(
     xy_columns: XyColumnsOpt = None,
     alignment: AlignmentOpt = None,
     keypoint_units: KeypointUnitsOpt = None,
+    segmentation: SegmentationOpt = None,
     min_qv: Annotated[float, typer.Option(help="HEST: drop transcripts below this quality.")] = 20.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -357,7 +361,7 @@ def convert(
         sample = read_sample(data, fmt or "auto", sample_id=sample_id, image=image, mpp=mpp,
                              cell_type_key=cell_type_key, min_qv=min_qv, coords=coords or "auto",
                              xy_columns=_split(xy_columns) if xy_columns else None, alignment=alignment,
-                             keypoint_units=keypoint_units or "auto")
+                             keypoint_units=keypoint_units or "auto", segmentation=segmentation or "cell")
         path = sample.write(out)
     except GcmoeError as exc:
         _fail(exc)

@@ -111,6 +111,7 @@ class DataConfig:
     alignment: str | None = None  # xenium: H&E alignment file, or "identity"; None: found in the folder, else an error
     keypoint_units: Literal["auto", "um", "px"] = "auto"  # xenium: unit of a keypoints CSV's fixedX/fixedY
     min_qv: float = 20.0  # HEST: transcripts below this Phred quality are dropped
+    segmentation: Literal["cell", "nucleus", "cellvit", "none"] = "cell"  # HEST: which polygons make the cells
     reference: str | None = None  # labelled reference scRNA-seq .h5ad (CAP priors, label transfer); virtual: generated
     routing_labels: Literal["auto", "obs", "transfer"] = "auto"  # auto: obs["cell_type"] when every sample has it
     name: str | None = None  # dataset name in the tables; None = derived from the source
