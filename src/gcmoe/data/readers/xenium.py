@@ -264,6 +264,18 @@ def read_feature_matrix(path: str | os.PathLike) -> tuple[sp.csr_matrix, list[st
     return mat.T.tocsr(), barcodes, table
 
 
+def gene_features(features: pd.DataFrame, where: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Feature names and a mask of the genes among them: ``feature_type == "Gene Expression"`` (when the table has
+    types) and not a control (:func:`gcmoe.data.readers.transcripts.is_control_feature`); an error when none is."""
+    names = features["name"].astype(str).to_numpy() if "name" in features else features["id"].astype(str).to_numpy()
+    is_gene = np.array([not is_control_feature(n) for n in names])
+    if "feature_type" in features:
+        is_gene &= features["feature_type"].astype(str).to_numpy() == XeniumKeys.GENE_EXPRESSION
+    if not is_gene.any():
+        raise InvalidSampleError(f"{where}: no Gene Expression feature left after dropping controls")
+    return names, is_gene
+
+
 def _open_text(path: Path):
     return gzip.open(path, "rt") if path.suffix == ".gz" else open(path)
 
@@ -361,12 +373,7 @@ def read_xenium(
                 "read: export the .h5 or MEX matrix"
             )
     counts, barcodes, features = read_feature_matrix(matrix_path)
-    names = features["name"].astype(str).to_numpy() if "name" in features else features["id"].astype(str).to_numpy()
-    is_gene = np.array([not is_control_feature(n) for n in names])
-    if "feature_type" in features:
-        is_gene &= features["feature_type"].astype(str).to_numpy() == XeniumKeys.GENE_EXPRESSION
-    if not is_gene.any():
-        raise InvalidSampleError(f"{matrix_path}: no Gene Expression feature left after dropping controls")
+    names, is_gene = gene_features(features, matrix_path)
 
     # cross-check the cell ids of the two files and put the matrix in cells.parquet's order
     pos = pd.Index(barcodes)
