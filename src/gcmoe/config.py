@@ -101,7 +101,7 @@ class DataConfig:
     source: Literal["virtual", "samples"] = "virtual"
     tissue: TissueConfig = field(default_factory=TissueConfig)
     samples: list[str] = field(default_factory=list)  # paths when source = "samples": .h5ad, Xenium folder, HEST root
-    format: Literal["auto", "sample", "hest", "xenium", "visium_hd", "h5ad"] = "auto"  # reader of `samples`; auto: by layout
+    format: Literal["auto", "sample", "hest", "xenium", "visium_hd", "ghist", "h5ad"] = "auto"  # reader of `samples`; auto: by layout
     sample_ids: list[str] | None = None  # HEST: the sample ids to read from the root (None: its only sample)
     image: str | None = None  # h5ad/xenium: the H&E image the cells lie on
     mpp: float | None = None  # micrometres per H&E pixel; None: from the file (uns, metadata, alignment, TIFF tags)

@@ -9,6 +9,7 @@ layout only (never by a name in the path):
 | ``h5ad`` | any .h5ad with ``obsm["spatial"]`` + ``image`` (+ ``mpp``) | any other .h5ad |
 | ``xenium`` | a 10x Xenium output folder + registered H&E | a folder with ``experiment.xenium`` |
 | ``hest`` | a HEST-1k root (``wsis/``, ``metadata/``, ...) + ``sample_id`` | a folder with ``wsis/`` and ``metadata/`` |
+| ``ghist`` | GHIST's config JSON (``data_sources``) or data folder: expression CSV, cell types, nuclei label TIFF, H&E | a .json with ``data_sources.fp_nuc_seg``; a folder with ``expr_mat_breast_demo.csv`` and ``nuclei_*.tif`` |
 | ``visium_hd`` | Space Ranger 4 ``outs/`` with ``segmented_outputs/`` + ``image`` | a folder with ``segmented_outputs/cell_segmentations.geojson`` and the cell matrix |
 
 Details of each layout: docs/data.md.
@@ -24,6 +25,7 @@ from typing import Any
 
 from gcmoe._constants import Key, UnsKey
 from gcmoe.data.readers._common import resolve_image_mpp
+from gcmoe.data.readers.ghist import is_ghist_config, is_ghist_folder, read_ghist
 from gcmoe.data.readers.h5ad import read_h5ad
 from gcmoe.data.readers.hest import is_hest_root, list_hest_samples, read_hest
 from gcmoe.data.readers.polygons import Polygons, read_polygons
@@ -43,6 +45,7 @@ __all__ = [
     "list_hest_samples",
     "read_alignment",
     "read_feature_matrix",
+    "read_ghist",
     "read_h5ad",
     "read_hest",
     "read_polygons",
@@ -53,11 +56,11 @@ __all__ = [
     "resolve_image_mpp",
 ]
 
-FORMATS = ("auto", "sample", "hest", "xenium", "visium_hd", "h5ad")
+FORMATS = ("auto", "sample", "hest", "xenium", "visium_hd", "ghist", "h5ad")
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """The reader a path needs: "sample", "h5ad", "xenium", "visium_hd" or "hest" (see the module table)."""
+    """The reader a path needs: "sample", "h5ad", "xenium", "visium_hd", "ghist" or "hest" (the module table)."""
     path = Path(path)
     if not path.exists():
         raise InvalidSampleError(f"data path not found: {path}")
@@ -68,10 +71,15 @@ def detect_format(path: str | os.PathLike) -> str:
             return "hest"
         if is_visium_hd_folder(path):
             return "visium_hd"
+        if is_ghist_folder(path):
+            return "ghist"
         raise InvalidSampleError(
             f"{path}: cannot tell the layout: a Xenium folder has experiment.xenium, a HEST root has wsis/ and "
-            "metadata/, Space Ranger's Visium HD outs/ has segmented_outputs/; give --format"
+            "metadata/, Space Ranger's Visium HD outs/ has segmented_outputs/, a GHIST folder expr_mat_*.csv and "
+            "nuclei_*.tif; give --format"
         )
+    if is_ghist_config(path):
+        return "ghist"
     if path.suffix == ".h5ad":
         import h5py
 
@@ -82,8 +90,8 @@ def detect_format(path: str | os.PathLike) -> str:
             raise InvalidSampleError(f"cannot read {path} as an .h5ad file ({exc}); is it complete?") from exc
         return "sample" if is_sample else "h5ad"
     raise InvalidSampleError(
-        f"{path}: not a known data layout (a Sample or AnnData .h5ad, a Xenium output folder, a HEST-1k root); "
-        "give --format"
+        f"{path}: not a known data layout (a Sample or AnnData .h5ad, a Xenium output folder, a HEST-1k root, Space "
+        "Ranger's Visium HD outs/, a GHIST config or folder); give --format"
     )
 
 
@@ -106,7 +114,8 @@ def read_sample(
     if format not in FORMATS:
         raise InvalidSampleError(f"unknown data format {format!r}; choose one of {list(FORMATS)}")
     fmt = detect_format(path) if format == "auto" else format
-    readers = {"h5ad": read_h5ad, "xenium": read_xenium, "hest": read_hest, "visium_hd": read_visium_hd}
+    readers = {"h5ad": read_h5ad, "xenium": read_xenium, "hest": read_hest, "visium_hd": read_visium_hd,
+               "ghist": read_ghist}
     accepted = {name: set(inspect.signature(f).parameters) for name, f in readers.items()}
     unknown = set(options) - set().union(*accepted.values())
     if unknown:
@@ -121,6 +130,8 @@ def read_sample(
         sample = read_xenium(path, image=image, mpp=mpp, sample_id=sample_id, **options)
     elif fmt == "visium_hd":
         sample = read_visium_hd(path, image=image, mpp=mpp, sample_id=sample_id, **options)
+    elif fmt == "ghist":
+        sample = read_ghist(path, image=image, mpp=mpp, sample_id=sample_id, **options)
     else:
         sample = read_hest(path, sample_id=sample_id, mpp=mpp, **options)
     if cell_type_key is not None and fmt != "h5ad":
