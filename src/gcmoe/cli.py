@@ -52,7 +52,7 @@ def _print_table(results: dict, out: Path) -> None:
 
 
 # Options shared by the commands that read slides (cv, train, convert); docs/data.md describes the formats.
-FormatOpt = Annotated[Optional[str], typer.Option("--format", help="Layout of --data: auto (detect), sample (gcmoe .h5ad), hest (HEST-1k root), xenium (10x output folder), visium_hd (Space Ranger outs/ with segmented_outputs/, + --image), ghist (GHIST config JSON or data folder), h5ad (AnnData + --image).")]
+FormatOpt = Annotated[Optional[str], typer.Option("--format", help="Layout of --data: auto (detect), sample (gcmoe .h5ad), hest (HEST-1k root), xenium (10x output folder), visium_hd (Space Ranger outs/ with segmented_outputs/, + --image), ghist (GHIST config JSON or data folder), spatialdata (SpatialData zarr store), h5ad (AnnData + --image).")]
 SampleIdOpt = Annotated[Optional[list[str]], typer.Option("--sample-id", help="HEST: the sample id(s) to read from the root (e.g. TENX95); repeatable.")]
 ImageOpt = Annotated[Optional[Path], typer.Option("--image", help="h5ad/xenium: the H&E image the cells lie on (TIFF; .svs/.ndpi with the openslide extra).")]
 MppOpt = Annotated[Optional[float], typer.Option("--mpp", help="Micrometres per H&E pixel (default: from the data's metadata or the TIFF tags).")]

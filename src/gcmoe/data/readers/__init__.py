@@ -10,6 +10,7 @@ layout only (never by a name in the path):
 | ``xenium`` | a 10x Xenium output folder + registered H&E | a folder with ``experiment.xenium`` |
 | ``hest`` | a HEST-1k root (``wsis/``, ``metadata/``, ...) + ``sample_id`` | a folder with ``wsis/`` and ``metadata/`` |
 | ``ghist`` | GHIST's config JSON (``data_sources``) or data folder: expression CSV, cell types, nuclei label TIFF, H&E | a .json with ``data_sources.fp_nuc_seg``; a folder with ``expr_mat_breast_demo.csv`` and ``nuclei_*.tif`` |
+| ``spatialdata`` | a SpatialData zarr store (spatialdata-io's Xenium, ...), with the ``spatialdata`` extra | a zarr folder with ``tables/`` |
 | ``visium_hd`` | Space Ranger 4 ``outs/`` with ``segmented_outputs/`` + ``image`` | a folder with ``segmented_outputs/cell_segmentations.geojson`` and the cell matrix |
 
 Details of each layout: docs/data.md.
@@ -29,6 +30,7 @@ from gcmoe.data.readers.ghist import is_ghist_config, is_ghist_folder, read_ghis
 from gcmoe.data.readers.h5ad import read_h5ad
 from gcmoe.data.readers.hest import is_hest_root, list_hest_samples, read_hest
 from gcmoe.data.readers.polygons import Polygons, read_polygons
+from gcmoe.data.readers.spatialdata_zarr import is_spatialdata_zarr, read_spatialdata
 from gcmoe.data.readers.transcripts import TranscriptCounts, aggregate_transcripts, is_control_feature
 from gcmoe.data.readers.visium_hd import is_visium_hd_folder, read_visium_hd
 from gcmoe.data.readers.xenium import is_xenium_folder, read_alignment, read_feature_matrix, read_xenium
@@ -51,20 +53,24 @@ __all__ = [
     "read_polygons",
     "read_sample",
     "read_samples",
+    "read_spatialdata",
     "read_visium_hd",
     "read_xenium",
     "resolve_image_mpp",
 ]
 
-FORMATS = ("auto", "sample", "hest", "xenium", "visium_hd", "ghist", "h5ad")
+FORMATS = ("auto", "sample", "hest", "xenium", "visium_hd", "ghist", "spatialdata", "h5ad")
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """The reader a path needs: "sample", "h5ad", "xenium", "visium_hd", "ghist" or "hest" (the module table)."""
+    """The reader a path needs: "sample", "h5ad", "xenium", "visium_hd", "ghist", "spatialdata" or "hest" (the
+    module table)."""
     path = Path(path)
     if not path.exists():
         raise InvalidSampleError(f"data path not found: {path}")
     if path.is_dir():
+        if is_spatialdata_zarr(path):
+            return "spatialdata"
         if is_xenium_folder(path):
             return "xenium"
         if is_hest_root(path):
@@ -76,7 +82,7 @@ def detect_format(path: str | os.PathLike) -> str:
         raise InvalidSampleError(
             f"{path}: cannot tell the layout: a Xenium folder has experiment.xenium, a HEST root has wsis/ and "
             "metadata/, Space Ranger's Visium HD outs/ has segmented_outputs/, a GHIST folder expr_mat_*.csv and "
-            "nuclei_*.tif; give --format"
+            "nuclei_*.tif, a SpatialData store tables/; give --format"
         )
     if is_ghist_config(path):
         return "ghist"
@@ -115,7 +121,7 @@ def read_sample(
         raise InvalidSampleError(f"unknown data format {format!r}; choose one of {list(FORMATS)}")
     fmt = detect_format(path) if format == "auto" else format
     readers = {"h5ad": read_h5ad, "xenium": read_xenium, "hest": read_hest, "visium_hd": read_visium_hd,
-               "ghist": read_ghist}
+               "ghist": read_ghist, "spatialdata": read_spatialdata}
     accepted = {name: set(inspect.signature(f).parameters) for name, f in readers.items()}
     unknown = set(options) - set().union(*accepted.values())
     if unknown:
@@ -132,6 +138,8 @@ def read_sample(
         sample = read_visium_hd(path, image=image, mpp=mpp, sample_id=sample_id, **options)
     elif fmt == "ghist":
         sample = read_ghist(path, image=image, mpp=mpp, sample_id=sample_id, **options)
+    elif fmt == "spatialdata":
+        sample = read_spatialdata(path, image=image, mpp=mpp, sample_id=sample_id, **options)
     else:
         sample = read_hest(path, sample_id=sample_id, mpp=mpp, **options)
     if cell_type_key is not None and fmt != "h5ad":
