@@ -249,6 +249,7 @@ def predict_cmd(
     cells: Annotated[Optional[Path], typer.Option(help="Cell centres: CSV/parquet (x, y px), GeoJSON, HoVer-Net JSON or a label mask.")] = None,
     detect: Annotated[bool, typer.Option("--detect", help="Find nuclei in the image instead of reading a cell file.")] = False,
     mpp: Annotated[Optional[float], typer.Option(help="Micrometres per pixel (default: from the TIFF/OME tags; required for PNG/JPEG).")] = None,
+    coords: Annotated[str, typer.Option("--coords", help="Unit of the --cells centres: px (pixels of the slide) or um (micrometres, divided by the pixel size).")] = "px",
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder.")] = None,
     device: Annotated[str, typer.Option()] = "cpu",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -258,7 +259,8 @@ def predict_cmd(
     from gcmoe.inference import predict_slide
 
     try:
-        adata = predict_slide(model, slide, out, cells=cells, detect=detect, mpp=mpp, cache_dir=cache_dir, device=device)
+        adata = predict_slide(model, slide, out, cells=cells, detect=detect, mpp=mpp, cache_dir=cache_dir, device=device,
+                              coords=coords)
     except GcmoeError as exc:
         _fail(exc)
     typer.echo(f"wrote {out}: {adata.n_obs} cells x {adata.n_vars} genes")
