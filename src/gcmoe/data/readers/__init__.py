@@ -114,8 +114,9 @@ def read_sample(
     """Read one slide as a Sample with the reader for ``format`` ("auto" detects it from the layout).
 
     ``sample_id`` picks the HEST sample (and names the sample for the other formats); ``image``, ``mpp`` and
-    ``cell_type_key`` serve the generic h5ad reader (``image``/``mpp`` also the Xenium and Visium HD ones). Other keyword
-    options go to the reader (e.g. ``min_qv``, ``segmentation`` for HEST; ``alignment`` for Xenium).
+    ``cell_type_key`` serve the generic h5ad reader (``image``/``mpp`` also the image-based ones). Other keyword
+    options go to the reader that takes them (e.g. ``coords``, ``xy_columns`` for h5ad; ``min_qv``, ``segmentation``
+    for HEST; ``alignment``, ``keypoint_units`` for Xenium; ``table``, ``shapes`` for SpatialData).
     """
     if format not in FORMATS:
         raise InvalidSampleError(f"unknown data format {format!r}; choose one of {list(FORMATS)}")

@@ -35,7 +35,6 @@ class AnnDataKeys:
     """Fields of AnnData tables written by others that the reader recognises."""
 
     SPATIALDATA_ATTRS = "spatialdata_attrs"  # uns: spatialdata's TableModel (region, region_key, instance_key)
-    SPATIALDATA_REGION = "region"
     COORDINATE_TOKENS = ("x", "y", "row", "col", "column")  # obs column names holding centres, split at _ . -
     COORDINATE_WORDS = ("pixel", "pxl", "centroid", "coord", "imagerow", "imagecol")
 
