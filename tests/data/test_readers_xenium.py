@@ -240,3 +240,27 @@ def test_keypoint_units_are_settled_from_the_data(tmp_path):
         read_alignment(tmp_path / "ambiguous.csv", PIXEL_SIZE)
     np.testing.assert_allclose(read_alignment(tmp_path / "ambiguous.csv", PIXEL_SIZE, "auto", 0.6),
                                he_to_morph() @ scale, atol=1e-9)
+
+
+def test_convert_passes_alignment_options(tmp_path, slide):
+    """`gcmoe convert`: no alignment stops with the message and status 2; --alignment identity (on an H&E of
+    Xenium's pixel size) and --keypoint-units reach the reader."""
+    from typer.testing import CliRunner
+
+    from gcmoe.cli import app
+
+    _without_alignment(tmp_path / "x", slide)
+    write_tiff(tmp_path / "grid.tif", np.full((3000, 2000, 3), 200, dtype=np.uint8), PIXEL_SIZE)
+    runner = CliRunner()
+    result = runner.invoke(app, ["convert", "--data", str(tmp_path / "x"), "--out", str(tmp_path / "a.h5ad")])
+    assert result.exit_code == 2 and "--alignment identity" in result.output
+    result = runner.invoke(app, ["convert", "--data", str(tmp_path / "x"), "--image", str(tmp_path / "grid.tif"),
+                                 "--alignment", "identity", "--out", str(tmp_path / "b.h5ad")])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "kp.csv").write_text(_keypoints_csv("px"))
+    result = runner.invoke(app, ["convert", "--data", str(tmp_path / "x"), "--alignment", str(tmp_path / "kp.csv"),
+                                 "--keypoint-units", "um", "--out", str(tmp_path / "c.h5ad")])
+    assert result.exit_code == 2 and "but the image is 400 x 300 px" in result.output  # px read as um: off the H&E
+    result = runner.invoke(app, ["convert", "--data", str(tmp_path / "x"), "--alignment", str(tmp_path / "kp.csv"),
+                                 "--keypoint-units", "px", "--out", str(tmp_path / "d.h5ad")])
+    assert result.exit_code == 0, result.output
