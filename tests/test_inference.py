@@ -118,3 +118,21 @@ def _cells_csv(root):
     xy = ad.obsm["spatial"]
     pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1]}).to_csv(root / "cells.csv", index=False)
     return root / "cells.csv"
+
+
+def test_cell_file_units_are_checked(tmp_path):
+    """`gcmoe predict --cells` with micrometre centres: refused as pixels (too close at 0.2125 um/px) with
+    --coords um as the fix; read with --coords um; pixels given as micrometres overflow the slide and say so."""
+    from gcmoe.inference import centres_on_slide
+
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(np.arange(20), np.arange(20)), -1).reshape(-1, 2) * 10.0 + rng.uniform(0, 2, (400, 2))
+    pd.DataFrame({"x": grid[:, 0], "y": grid[:, 1]}).to_csv(tmp_path / "um.csv", index=False)
+    with pytest.raises(InvalidSampleError, match="they look like micrometres, give --coords um"):
+        centres_on_slide(tmp_path / "um.csv", "px", (1000, 1000), 0.2125, "s")
+    xy, ids = centres_on_slide(tmp_path / "um.csv", "um", (1000, 1000), 0.2125, "s")
+    np.testing.assert_allclose(xy, grid / 0.2125)
+    assert len(ids) == 400
+    pd.DataFrame({"x": grid[:, 0] / 0.2125, "y": grid[:, 1] / 0.2125}).to_csv(tmp_path / "px.csv", index=False)
+    with pytest.raises(InvalidSampleError, match=r"fit the image when read another way: as pixels \(--coords px\)"):
+        centres_on_slide(tmp_path / "px.csv", "um", (1000, 1000), 0.2125, "s")

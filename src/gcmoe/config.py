@@ -101,12 +101,17 @@ class DataConfig:
     source: Literal["virtual", "samples"] = "virtual"
     tissue: TissueConfig = field(default_factory=TissueConfig)
     samples: list[str] = field(default_factory=list)  # paths when source = "samples": .h5ad, Xenium folder, HEST root
-    format: Literal["auto", "sample", "hest", "xenium", "h5ad"] = "auto"  # reader of `samples`; auto: by layout
+    format: Literal["auto", "sample", "hest", "xenium", "visium_hd", "ghist", "spatialdata", "h5ad"] = "auto"  # reader of `samples`; auto: by layout
     sample_ids: list[str] | None = None  # HEST: the sample ids to read from the root (None: its only sample)
     image: str | None = None  # h5ad/xenium: the H&E image the cells lie on
     mpp: float | None = None  # micrometres per H&E pixel; None: from the file (uns, metadata, alignment, TIFF tags)
     cell_type_key: str | None = None  # obs column with cell types, copied to obs["cell_type"]
+    coords: Literal["auto", "px", "um"] = "auto"  # h5ad/spatialdata: unit of the centres; auto: um for spatialdata-io tables
+    xy_columns: list[str] | None = None  # h5ad: obs columns [x, y] (image column, row) instead of obsm["spatial"]
+    alignment: str | None = None  # xenium: H&E alignment file, or "identity"; None: found in the folder, else an error
+    keypoint_units: Literal["auto", "um", "px"] = "auto"  # xenium: unit of a keypoints CSV's fixedX/fixedY
     min_qv: float = 20.0  # HEST: transcripts below this Phred quality are dropped
+    segmentation: Literal["cell", "nucleus", "cellvit", "none"] = "cell"  # HEST/Visium HD: which polygons make the cells
     reference: str | None = None  # labelled reference scRNA-seq .h5ad (CAP priors, label transfer); virtual: generated
     routing_labels: Literal["auto", "obs", "transfer"] = "auto"  # auto: obs["cell_type"] when every sample has it
     name: str | None = None  # dataset name in the tables; None = derived from the source

@@ -33,6 +33,26 @@ log = logging.getLogger(__name__)
 MAX_RESAMPLING = 4.0  # slide mpp / model mpp beyond this factor (either way) is refused
 
 
+def centres_on_slide(cells: str | os.PathLike, coords: str, shape: tuple[int, int], mpp: float,
+                     sample_id: str) -> tuple[np.ndarray, list[str]]:
+    """A cell file's centres in slide pixels (``coords`` ``px`` or ``um``) and their ids, after the extent and
+    spacing checks that tell micrometres from pixels (cells outside the slide, up to 1%, are dropped)."""
+    from gcmoe.data.cells import read_cell_centres
+    from gcmoe.data.readers._common import inside_image
+    from gcmoe.data.readers._coords import check_spacing, to_pixels
+
+    if coords not in ("px", "um"):
+        raise InvalidSampleError(f"unknown unit of the cell centres coords={coords!r}; choose px or um")
+    raw, ids = read_cell_centres(cells)
+    xy = to_pixels(raw, coords, mpp)
+    other = "um" if coords == "px" else "px"
+    alternatives = {f"as {'micrometres' if other == 'um' else 'pixels'} (--coords {other})": to_pixels(raw, other, mpp),
+                    "x and y swapped (swap the file's columns)": xy[:, ::-1]}
+    keep = inside_image(xy, shape, sample_id, mpp, Path(cells).name, alternatives)
+    check_spacing(raw[keep], coords, mpp, sample_id, Path(cells).name)
+    return xy[keep], [i for i, k in zip(ids, keep) if k]
+
+
 def predict_slide(
     model_dir: str | os.PathLike,
     slide: str | os.PathLike,
@@ -44,10 +64,13 @@ def predict_slide(
     device: str = "cpu",
     batch_size: int = 4,
     progress: bool = True,
+    coords: str = "px",
 ):
     """Predict every cell of ``slide`` with the model in ``model_dir`` and write ``out`` (.h5ad).
 
-    Cells come from ``cells`` (see :func:`gcmoe.data.cells.read_cell_centres`) or, with ``detect``, from
+    Cells come from ``cells`` (see :func:`gcmoe.data.cells.read_cell_centres`; ``coords`` says whether its centres
+    are pixels of the slide, ``px``, or micrometres, ``um``; either way they must fit the slide and lie as far
+    apart as cells do, :mod:`gcmoe.data.readers._coords`) or, with ``detect``, from
     :func:`gcmoe.data.detection.detect_nuclei`. ``mpp`` defaults to the pixel size the image states (OME, TIFF
     tags; checked for plausibility); PNG and JPEG state none, so they need ``mpp``. Returns the
     AnnData written.
@@ -57,7 +80,6 @@ def predict_slide(
     import torch
 
     from gcmoe.config import FeatureConfig
-    from gcmoe.data.cells import read_cell_centres
     from gcmoe.data.detection import detect_nuclei
     from gcmoe.data.image import open_image
     from gcmoe.data.readers import resolve_image_mpp
@@ -95,7 +117,7 @@ def predict_slide(
         if len(xy) == 0:
             raise InvalidSampleError(f"no nuclei were detected in {slide}: is it an H&E image with tissue?")
     else:
-        xy, ids = read_cell_centres(cells)
+        xy, ids = centres_on_slide(cells, coords, image.shape, mpp, Path(slide).stem)
         source = str(cells)
     sample = Sample.from_arrays(
         np.zeros((len(xy), 0), dtype=np.float32), xy, image, mpp, [], Path(slide).stem, cell_ids=ids,

@@ -57,3 +57,25 @@ def test_bad_cell_files(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
     with pytest.raises(InvalidSampleError, match=message):
         read_cell_centres(tmp_path / name)
+
+
+def test_cellvit_geojson_gives_one_centre_per_nucleus(tmp_path):
+    """CellViT's export (one QuPath annotation per class, a MultiPolygon of its nuclei): one centre per part, not
+    per class; a zipped GeoJSON is refused with the parquet as the fix."""
+    rng = np.random.default_rng(0)
+    centres = rng.uniform(20, 480, (30, 2))
+    square = np.array([[-3, -3], [3, -3], [3, 3], [-3, 3], [-3, -3]], dtype=float)
+    feats = [{"type": "Feature", "geometry": {"type": "MultiPolygon",
+                                              "coordinates": [[(c + square).tolist()] for c in centres[k::3]]},
+              "properties": {"objectType": "annotation", "classification": {"name": name, "color": [0, 0, 0]}}}
+             for k, name in enumerate(["Neoplastic", "Inflammatory", "Connective"])]
+    (tmp_path / "cells.geojson").write_text(json.dumps(feats))
+    xy, ids = read_cell_centres(tmp_path / "cells.geojson")
+    np.testing.assert_allclose(xy, np.concatenate([centres[k::3] for k in range(3)]), atol=1e-9)
+    assert ids == [str(i) for i in range(30)]
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "cells.geojson.zip", "w") as zf:
+        zf.write(tmp_path / "cells.geojson", "cells.geojson")
+    with pytest.raises(InvalidSampleError, match="zipped GeoJSON is not read; use the .parquet"):
+        read_cell_centres(tmp_path / "cells.geojson.zip")

@@ -86,3 +86,70 @@ def test_transplant_gives_each_real_cell_once_and_keeps_a_reference(tmp_path):
     assert r > 0.3
     again = transplant_expression(config, real, reference_fraction=0.2)
     assert np.array_equal(again.sample.adata.obs["real_cell_id"], adata.obs["real_cell_id"])
+
+
+def write_ghist_inputs(root, n=120, shape=(400, 500), seed=1):
+    """A GHIST folder as its config names it: data_demo/ with the CSVs, the nuclei label TIFF (uint32, pixel value =
+    cell id, as GHIST reads it with tifffile) and the H&E TIFF on the same grid, and configs/config.json."""
+    import tifffile
+
+    ids, codes, counts, size = write_ghist_demo(root / "data_demo", n=n, config=False)
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.uint32)
+    side = int(np.sqrt(shape[0] * shape[1] / n) * 0.9)
+    grid = [(r, c) for r in range(4, shape[0] - 8, side) for c in range(4, shape[1] - 8, side)]
+    centres = []
+    for cid, k in zip(ids, rng.permutation(len(grid))[:n]):
+        r, c = grid[k]
+        labels[r:r + 5, c:c + 7] = cid
+        centres.append((c + 3.0, r + 2.0))
+    tifffile.imwrite(root / "data_demo" / "nuclei_breast_demo.tif", labels)
+    tifffile.imwrite(root / "data_demo" / "histology_breast_demo.tif", np.full((*shape, 3), 200, np.uint8),
+                     photometric="rgb", metadata=None)
+    (root / "configs").mkdir()
+    sources = {"fp_nuc_seg": "./data_demo/nuclei_breast_demo.tif", "fp_hist": "./data_demo/histology_breast_demo.tif",
+               "fp_expr": "./data_demo/expr_mat_breast_demo.csv", "fp_cell_type": "./data_demo/cell_types_breast_demo.csv",
+               "fp_nuc_sizes": "./data_demo/nuclei_sizes_breast_demo.csv"}
+    (root / "configs" / "config.json").write_text(json.dumps(
+        {"data": {"cell_types": list(GHIST_BREAST_TYPES)}, "data_sources": sources}))
+    return ids, codes, counts, np.array(centres)
+
+
+def test_ghist_inputs_read_as_a_sample(tmp_path):
+    """GHIST's config (data_sources) or folder: cells where the expression CSV and the nuclei labels meet, centred
+    on their nucleus, typed, on the H&E (which states no pixel size: --mpp)."""
+    from gcmoe.data.readers import detect_format, read_ghist, read_sample
+
+    ids, codes, counts, centres = write_ghist_inputs(tmp_path)
+    config = tmp_path / "configs" / "config.json"
+    assert detect_format(config) == "ghist" and detect_format(tmp_path / "data_demo") == "ghist"
+    with pytest.raises(InvalidSampleError, match="give it with --mpp"):
+        read_ghist(config)
+    s = read_sample(config, mpp=0.5)
+    assert list(s.adata.obs_names) == [str(i) for i in ids] and s.mpp == 0.5
+    np.testing.assert_allclose(s.spatial, centres)
+    np.testing.assert_array_equal(np.asarray(s.counts), counts)
+    assert list(s.adata.obs["cell_type"]) == [GHIST_BREAST_TYPES[c] for c in codes]
+    assert "nucleus_size_px" in s.adata.obs
+    folder = read_ghist(tmp_path / "data_demo", mpp=0.5)
+    np.testing.assert_allclose(folder.spatial, s.spatial)
+
+
+def test_ghist_inputs_refusals(tmp_path):
+    import tifffile
+
+    from gcmoe.data.readers import read_ghist
+
+    write_ghist_inputs(tmp_path)
+    data = tmp_path / "data_demo"
+    tifffile.imwrite(tmp_path / "small.tif", np.full((100, 100, 3), 200, np.uint8), photometric="rgb")
+    with pytest.raises(InvalidSampleError, match=r"nuclei_breast_demo.tif is 500 x 400 px but the H&E small.tif is "
+                                                 r"100 x 100 px"):
+        read_ghist(data, image=tmp_path / "small.tif", mpp=0.5)
+    tifffile.imwrite(tmp_path / "other.tif", np.full((400, 500), 7, np.uint32))
+    with pytest.raises(InvalidSampleError, match="same GHIST input set"):
+        read_ghist(data, nuclei=tmp_path / "other.tif", mpp=0.5)
+    (data / "nuclei_breast_demo.tif").rename(tmp_path / "moved.tif")
+    (data / "images.zip").write_bytes(b"PK")
+    with pytest.raises(InvalidSampleError, match="nuclei label TIFF .* not found; GHIST's demo ships it in images.zip"):
+        read_ghist(data, mpp=0.5)

@@ -217,3 +217,106 @@ def test_cv_on_anndata_with_its_own_cell_types(tmp_path):
     assert d["routing"]["source"] == "obs" and sorted(d["routing"]["types"]) == sorted(names.values())
     assert d["prior"]["types"].keys() == set(names.values())
     assert all(np.isfinite(e["mean"]) for e in d["models"].values())
+
+
+def _tissue_um(n: int = 400, width_um: float = 200.0, seed: int = 2) -> np.ndarray:
+    """Cell centres in micrometres on a jittered grid ~10 um apart (as in tissue)."""
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n)))
+    grid = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)[:n] * (width_um / side)
+    return grid + rng.uniform(0, 2.0, grid.shape) + 5.0
+
+
+def _um_table(tmp_path: Path, um: np.ndarray, spatialdata: bool) -> Path:
+    """An AnnData with micrometre centres in obsm["spatial"]; ``spatialdata``: as spatialdata-io's Xenium reader
+    writes its table (x_centroid/y_centroid in obsm["spatial"], obs region + cell_id, uns["spatialdata_attrs"])."""
+    n = len(um)
+    ids = [f"aaa{i:05d}-1" for i in range(n)]
+    obs = pd.DataFrame({"cell_id": ids, "region": pd.Categorical(["cell_circles"] * n)}, index=ids)
+    ad = anndata.AnnData(X=np.random.default_rng(0).poisson(2.0, (n, 4)).astype(np.float32), obs=obs)
+    ad.var_names = [f"G{i}" for i in range(4)]
+    ad.obsm["spatial"] = um
+    if spatialdata:
+        ad.uns["spatialdata_attrs"] = {"region": "cell_circles", "region_key": "region", "instance_key": "cell_id"}
+    path = tmp_path / ("sdata_table.h5ad" if spatialdata else "um.h5ad")
+    ad.write_h5ad(path)
+    return path
+
+
+def test_micrometre_centres_are_told_from_pixels(tmp_path):
+    """um read as px crowd into the image's corner, 2 um apart: refused with --coords um; px read as um overflow
+    the image: refused with --coords px; --coords um reads micrometres at um / mpp."""
+    mpp = 0.2125
+    um = _tissue_um()
+    write_tiff(tmp_path / "he.tif", np.full((1100, 1100, 3), 200, dtype=np.uint8), mpp=mpp)
+    path = _um_table(tmp_path, um, spatialdata=False)
+    with pytest.raises(InvalidSampleError, match=r"too close together for cells.*they look like micrometres, give "
+                                                 r"--coords um"):
+        read_h5ad(path, image=tmp_path / "he.tif")
+    s = read_h5ad(path, image=tmp_path / "he.tif", coords="um")
+    np.testing.assert_allclose(s.spatial, um / mpp)
+    assert s.adata.uns["gcmoe"]["provenance"]["coords"] == "um"
+    # pixels given as micrometres: 1/mpp = 4.7x too far out
+    px = um / mpp
+    ad = anndata.read_h5ad(path)
+    ad.obsm["spatial"] = px
+    ad.write_h5ad(tmp_path / "px.h5ad")
+    with pytest.raises(InvalidSampleError, match=r"fit the image when read another way: as pixels \(--coords px\)"):
+        read_h5ad(tmp_path / "px.h5ad", image=tmp_path / "he.tif", coords="um")
+    np.testing.assert_allclose(read_h5ad(tmp_path / "px.h5ad", image=tmp_path / "he.tif").spatial, px)
+    # pixels of a 10x downsampled level on the full-resolution image: 10x too close
+    ad.obsm["spatial"] = px / 10
+    ad.write_h5ad(tmp_path / "level.h5ad")
+    with pytest.raises(InvalidSampleError, match=r"pixels of an image about \d+x smaller"):
+        read_h5ad(tmp_path / "level.h5ad", image=tmp_path / "he.tif")
+    with pytest.raises(InvalidSampleError, match="unknown unit of the cell centres"):
+        read_h5ad(path, image=tmp_path / "he.tif", coords="mm")
+
+
+def test_spatialdata_io_table_is_read_as_micrometres(tmp_path):
+    """A table as spatialdata-io's Xenium reader writes it: obsm["spatial"] in micrometres, read as such by default."""
+    mpp = 0.2125
+    um = _tissue_um()
+    write_tiff(tmp_path / "he.tif", np.full((1100, 1100, 3), 200, dtype=np.uint8), mpp=mpp)
+    path = _um_table(tmp_path, um, spatialdata=True)
+    s = read_sample(path, image=tmp_path / "he.tif")
+    np.testing.assert_allclose(s.spatial, um / mpp)
+    assert s.adata.uns["gcmoe"]["provenance"]["coords"] == "um"
+    with pytest.raises(InvalidSampleError, match="--coords um"):  # forced to pixels, the spacing check objects
+        read_sample(path, image=tmp_path / "he.tif", coords="px")
+
+
+def test_real_xenium_crop_names_its_columns(realdata):
+    """NCBI858 (a real Xenium crop, DeepSpot's layout): no obsm, obs x_pixel = image ROW, y_pixel = COLUMN; each
+    wrong call is refused with what to change, the right one places every cell on the 1431 x 1249 JPEG."""
+    folder = realdata("xenium_lung_ncbi858")
+    h5ad, jpg = folder / "NCBI858.h5ad", folder / "NCBI858.jpg"
+    with pytest.raises(InvalidSampleError, match=r"obs has \['x_pixel', 'y_pixel'\].*--xy-columns X,Y"):
+        read_h5ad(h5ad, image=jpg, mpp=2.125)
+    with pytest.raises(InvalidSampleError, match="give it with --mpp"):
+        read_h5ad(h5ad, image=jpg, xy_columns=["y_pixel", "x_pixel"])
+    with pytest.raises(InvalidSampleError, match=r"x and y swapped \(--xy-columns y_pixel,x_pixel\)"):
+        read_h5ad(h5ad, image=jpg, mpp=2.125, xy_columns=["x_pixel", "y_pixel"])
+    s = read_h5ad(h5ad, image=jpg, mpp=2.125, xy_columns=["y_pixel", "x_pixel"])
+    ad = anndata.read_h5ad(h5ad)
+    assert s.n_cells == ad.n_obs == 200 and s.image.shape == (1249, 1431)
+    np.testing.assert_allclose(s.spatial, ad.obs[["y_pixel", "x_pixel"]].to_numpy())
+
+
+@pytest.mark.slow
+def test_cv_on_the_real_xenium_crop(realdata, tmp_path):
+    """The command of docs/data.md: `gcmoe cv` on NCBI858 runs end to end (ST-Net*, short training)."""
+    from typer.testing import CliRunner
+
+    from gcmoe.cli import app
+
+    folder = realdata("xenium_lung_ncbi858")
+    (tmp_path / "run.yaml").write_text("train:\n  max_epochs: 5\n  patience: 3\ntargets:\n  n_top_genes: 20\n")
+    result = CliRunner().invoke(app, [
+        "cv", "--config", str(tmp_path / "run.yaml"), "--data", str(folder / "NCBI858.h5ad"),
+        "--image", str(folder / "NCBI858.jpg"), "--mpp", "2.125", "--xy-columns", "y_pixel,x_pixel",
+        "--models", "stnet", "--out", str(tmp_path / "run"),
+    ])
+    assert result.exit_code == 0, result.output
+    (d,) = json.loads((tmp_path / "run" / "results.json").read_text())["datasets"].values()
+    assert d["n_cells"] == 200 and np.isfinite(d["models"]["ST-Net*"]["mean"])

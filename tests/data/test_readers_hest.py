@@ -288,3 +288,91 @@ def test_cv_end_to_end_on_a_hest_folder(tmp_path, tissue):
     assert result.exit_code == 0, result.output
     assert detect_format(out) == "sample"
     assert read_sample(out).n_cells == d["n_cells"]
+
+
+PANNUKE = ("Neoplastic", "Inflammatory", "Connective", "Dead", "Epithelial")
+
+
+def _cellvit_features(centres: np.ndarray, classes: np.ndarray) -> list:
+    """CellViT's GeoJSON as HEST ships it (cellvit_seg/{id}_cellvit_seg.geojson): one QuPath annotation per class,
+    a MultiPolygon of all its nuclei."""
+    feats = []
+    for name in dict.fromkeys(classes):
+        parts = [[np.vstack([_octagon(c), _octagon(c)[:1]]).tolist()] for c in centres[classes == name]]
+        feats.append({"type": "Feature", "id": f"x-id-{name}", "geometry": {"type": "MultiPolygon", "coordinates": parts},
+                      "properties": {"objectType": "annotation", "classification": {"name": name, "color": [255, 0, 0]}}})
+    return feats
+
+
+def _write_cellvit(root: Path, sample, geojson: bool = False, zipped: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """HEST's cellvit_seg/: the GeoParquet HEST writes with geopandas (geometry, class, cell_id = running number,
+    in the GeoJSON's order: grouped by class), or the GeoJSON, or only its zip."""
+    import zipfile
+
+    import geopandas as gpd
+    from shapely.geometry import Polygon
+
+    classes = np.array(PANNUKE)[np.arange(sample.n_cells) % len(PANNUKE)]
+    order = np.concatenate([np.flatnonzero(classes == name) for name in dict.fromkeys(classes)])
+    centres, classes = sample.spatial[order], classes[order]
+    folder = root / "cellvit_seg"
+    folder.mkdir(exist_ok=True)
+    if zipped or geojson:
+        text = json.dumps(_cellvit_features(centres, classes))
+        if zipped:
+            with zipfile.ZipFile(folder / f"{SID}_cellvit_seg.geojson.zip", "w") as zf:
+                zf.writestr(f"{SID}_cellvit_seg.geojson", text)
+        else:
+            (folder / f"{SID}_cellvit_seg.geojson").write_text(text)
+    else:
+        gdf = gpd.GeoDataFrame({"class": classes}, geometry=[Polygon(_octagon(c)) for c in centres])
+        gdf["cell_id"] = np.arange(len(gdf))
+        gdf.to_parquet(folder / f"{SID}_cellvit_seg.parquet")
+    return centres, classes
+
+
+@pytest.mark.parametrize("geojson", [False, True])
+def test_hest_cellvit_nuclei_give_the_cells(tmp_path, tissue, geojson):
+    """segmentation="cellvit": cells are CellViT's nuclei (GeoParquet by geopandas, or CellViT's per-class
+    MultiPolygon GeoJSON, parts numbered as HEST numbers them), transcripts assigned by polygon, the class kept."""
+    info = write_hest_folder(tmp_path, tissue.sample)
+    centres, classes = _write_cellvit(tmp_path, tissue.sample, geojson=geojson)
+    s = read_hest(tmp_path, segmentation="cellvit", progress=False)
+    truth, _ = _truth(tissue.sample, info["cell_ids"])
+    by_centre = {tuple(np.round(c, 6)): i for i, c in enumerate(tissue.sample.spatial)}
+    nucleus_to_cell = {str(k): info["cell_ids"][by_centre[tuple(np.round(c, 6))]] for k, c in enumerate(centres)}
+    got = pd.DataFrame(np.asarray(s.counts.todense()), index=[nucleus_to_cell[i] for i in s.adata.obs_names],
+                       columns=s.genes)
+    pd.testing.assert_frame_equal(got.loc[truth.index, truth.columns], truth, check_dtype=False)
+    expected = {str(k): c for k, c in enumerate(classes)}
+    assert list(s.adata.obs["cellvit_class"]) == [expected[i] for i in s.adata.obs_names]
+    assert s.adata.uns[Key.UNS][UnsKey.PROVENANCE]["assignment"] == "polygons"
+
+
+def test_hest_zipped_geojson_is_refused_with_the_parquet_as_fix(tmp_path, tissue):
+    """HEST's *.geojson.zip (xenium_seg: 100 cells dealt into 10 chunks without ids) is never read as cells."""
+    from gcmoe.data.readers import read_polygons
+
+    write_hest_folder(tmp_path, tissue.sample)
+    _write_cellvit(tmp_path, tissue.sample, zipped=True)
+    with pytest.raises(InvalidSampleError, match=r"holds only TENX00_cellvit_seg.geojson.zip.*download "
+                                                 r"cellvit_seg/TENX00_cellvit_seg.parquet"):
+        read_hest(tmp_path, segmentation="cellvit", progress=False)
+    seg = tmp_path / "xenium_seg"
+    (seg / f"{SID}_xenium_cell_seg.parquet").rename(tmp_path / "kept.parquet")
+    chunks = []
+    for k, part in enumerate(np.array_split(tissue.sample.spatial[:100], 10)):  # HEST's write_geojson(chunk=True)
+        chunks.append({"type": "Feature", "id": f"1-id-{k}", "geometry": {"type": "MultiPolygon", "coordinates": [
+            [np.vstack([_octagon(c), _octagon(c)[:1]]).tolist()] for c in part]},
+            "properties": {"objectType": "annotation", "classification": {"name": str(k), "color": [0, 0, 0]}}})
+    (tmp_path / "chunked.geojson").write_text(json.dumps(chunks))
+    import zipfile
+
+    with zipfile.ZipFile(seg / f"{SID}_xenium_cell_seg.geojson.zip", "w") as zf:
+        zf.write(tmp_path / "chunked.geojson", f"{SID}_xenium_cell_seg.geojson")
+    with pytest.raises(InvalidSampleError, match=r"10 chunks without their cell ids.*xenium_seg/TENX00_xenium_cell_seg.parquet"):
+        read_hest(tmp_path, progress=False)
+    with pytest.raises(InvalidSampleError, match=r"zipped segmentation is not read.*TENX00_xenium_cell_seg.parquet"):
+        read_polygons(seg / f"{SID}_xenium_cell_seg.geojson.zip")
+    with pytest.raises(InvalidSampleError, match=r"HEST's chunked GeoJSON \(the cells dealt into 10 features"):
+        read_polygons(tmp_path / "chunked.geojson")

@@ -148,3 +148,119 @@ def test_xenium_errors(tmp_path, slide):
     np.savetxt(other / "sample_he_imagealignment.csv", np.diag([0.1, 0.1, 1.0]), delimiter=",")
     with pytest.raises(InvalidSampleError, match="but the image is 400 x 300 px"):
         read_xenium(other, image=tmp_path / "sample_he_image.ome.tif", mpp=0.5)
+
+
+def _fixed(pts: np.ndarray, units: str) -> np.ndarray:
+    """The Xenium side of keypoints at H&E pixels ``pts``: micrometres or morphology pixels."""
+    morph = (he_to_morph() @ np.column_stack([pts, np.ones(len(pts))]).T).T[:, :2]
+    return morph * PIXEL_SIZE if units == "um" else morph
+
+
+KEYPOINTS_HE = np.array([[10.0, 10.0], [380.0, 20.0], [200.0, 280.0], [50.0, 250.0], [300.0, 150.0]])
+
+
+def _keypoints_csv(units: str) -> str:
+    fixed = _fixed(KEYPOINTS_HE, units)
+    return pd.DataFrame({"fixedX": fixed[:, 0], "fixedY": fixed[:, 1], "alignmentX": KEYPOINTS_HE[:, 0],
+                         "alignmentY": KEYPOINTS_HE[:, 1]}).to_csv(index=False)
+
+
+def _without_alignment(folder: Path, slide) -> dict:
+    info = write_xenium_folder(folder, slide)
+    (folder / "sample_he_imagealignment.csv").unlink()
+    return info
+
+
+def test_no_alignment_is_an_error_unless_identity(tmp_path, slide):
+    """No alignment file: an error naming what to give; identity refused for a 0.5 um/px H&E, read for a 0.2125 one."""
+    import tifffile
+
+    info = _without_alignment(tmp_path, slide)
+    with pytest.raises(InvalidSampleError, match=r"no alignment of the H&E sample_he_image.ome.tif .*--alignment "
+                                                 r"FILE, or --alignment identity"):
+        read_xenium(tmp_path)
+    with pytest.raises(InvalidSampleError, match=r"--alignment identity maps one H&E pixel onto one morphology-image "
+                                                 r"pixel \(0.2125 um\), but the H&E's pixel size is 0.5 um/px"):
+        read_xenium(tmp_path, alignment="identity")
+    with pytest.raises(InvalidSampleError, match="pixel size is 0.5 um/px \\(--mpp\\)"):
+        read_sample(tmp_path, image=tmp_path / "sample_he_image.ome.tif", alignment="identity", mpp=0.5)
+    # an H&E on the morphology grid (its own pixel size 0.2125) reads with identity: centres = um / 0.2125
+    image = np.full((3000, 2000, 3), 200, dtype=np.uint8)
+    write_tiff(tmp_path / "morph_grid.tif", image, PIXEL_SIZE)
+    s = read_xenium(tmp_path, image=tmp_path / "morph_grid.tif", alignment="identity")
+    order = [info["ids"].index(c) for c in s.adata.obs_names]
+    np.testing.assert_allclose(s.spatial, info["um"][order] / PIXEL_SIZE)
+    assert s.mpp == pytest.approx(PIXEL_SIZE) and s.adata.uns["gcmoe"]["provenance"]["files"]["alignment"] == "identity"
+    # an H&E that states no pixel size: identity is taken at Xenium's
+    tifffile.imwrite(tmp_path / "plain.tif", image, photometric="rgb", metadata=None)
+    assert read_xenium(tmp_path, image=tmp_path / "plain.tif", alignment="identity").mpp == pytest.approx(PIXEL_SIZE)
+
+
+@pytest.mark.parametrize("export", ["matrix_csv", "zip_both", "zip_keypoints", "keypoints_px"])
+def test_xenium_explorer_exports_are_found(tmp_path, slide, export, caplog):
+    """Xenium Explorer's "Download Alignment File": the matrix alone (<image>_matrix.csv), matrix + keypoints
+    (*_alignment_files.zip), keypoints alone; keypoints in either unit."""
+    import zipfile
+
+    info = _without_alignment(tmp_path, slide)
+    if export == "matrix_csv":
+        np.savetxt(tmp_path / "sample_he_image_matrix.csv", he_to_morph(), delimiter=",")
+    elif export.startswith("zip"):
+        with zipfile.ZipFile(tmp_path / "sample_he_alignment_files.zip", "w") as zf:
+            if export == "zip_both":
+                zf.writestr("matrix.csv", "\n".join(",".join(f"{v:.12g}" for v in row) for row in he_to_morph()))
+            zf.writestr("keypoints.csv", _keypoints_csv("um"))
+    else:
+        (tmp_path / "sample_he_keypoints.csv").write_text(_keypoints_csv("px"))
+    with caplog.at_level("INFO", logger="gcmoe.data.readers.xenium"):
+        s = read_xenium(tmp_path)
+    order = [info["ids"].index(c) for c in s.adata.obs_names]
+    np.testing.assert_allclose(s.spatial, slide[1][order], atol=1e-6)
+    assert s.mpp == pytest.approx(HE_MPP)
+    if export == "zip_both":  # the export's keypoints are micrometres: they agree with its matrix read so
+        assert "keypoints agree with its matrix when fixedX/fixedY are read as um" in caplog.text
+
+
+def test_keypoint_units_are_settled_from_the_data(tmp_path):
+    """fixedX/Y in um or morphology px: the reading that agrees with the H&E's pixel size (else with the range of
+    H&E scans) wins; when both readings are plausible, an error asks for --keypoint-units."""
+    for units in ("um", "px"):
+        (tmp_path / f"{units}.csv").write_text(_keypoints_csv(units))
+        for he_mpp in (HE_MPP, None):
+            np.testing.assert_allclose(read_alignment(tmp_path / f"{units}.csv", PIXEL_SIZE, "auto", he_mpp),
+                                       he_to_morph(), atol=1e-9)
+        np.testing.assert_allclose(read_alignment(tmp_path / f"{units}.csv", PIXEL_SIZE, units), he_to_morph(), atol=1e-9)
+    # an H&E at 0.6 um/px with micrometre keypoints: as pixels it would be 0.13 um/px, also a scan's pixel size
+    scale = np.diag([0.6 / HE_MPP, 0.6 / HE_MPP, 1.0])
+    fixed = (he_to_morph() @ scale @ np.column_stack([KEYPOINTS_HE, np.ones(5)]).T).T[:, :2] * PIXEL_SIZE
+    pd.DataFrame({"fixedX": fixed[:, 0], "fixedY": fixed[:, 1], "alignmentX": KEYPOINTS_HE[:, 0],
+                  "alignmentY": KEYPOINTS_HE[:, 1]}).to_csv(tmp_path / "ambiguous.csv", index=False)
+    with pytest.raises(InvalidSampleError, match=r"as micrometres the H&E would be 0.6 um/px, as pixels 0.1275 um/px; "
+                                                 r"give --keypoint-units um or px"):
+        read_alignment(tmp_path / "ambiguous.csv", PIXEL_SIZE)
+    np.testing.assert_allclose(read_alignment(tmp_path / "ambiguous.csv", PIXEL_SIZE, "auto", 0.6),
+                               he_to_morph() @ scale, atol=1e-9)
+
+
+def test_convert_passes_alignment_options(tmp_path, slide):
+    """`gcmoe convert`: no alignment stops with the message and status 2; --alignment identity (on an H&E of
+    Xenium's pixel size) and --keypoint-units reach the reader."""
+    from typer.testing import CliRunner
+
+    from gcmoe.cli import app
+
+    _without_alignment(tmp_path / "x", slide)
+    write_tiff(tmp_path / "grid.tif", np.full((3000, 2000, 3), 200, dtype=np.uint8), PIXEL_SIZE)
+    runner = CliRunner()
+    result = runner.invoke(app, ["convert", "--data", str(tmp_path / "x"), "--out", str(tmp_path / "a.h5ad")])
+    assert result.exit_code == 2 and "--alignment identity" in result.output
+    result = runner.invoke(app, ["convert", "--data", str(tmp_path / "x"), "--image", str(tmp_path / "grid.tif"),
+                                 "--alignment", "identity", "--out", str(tmp_path / "b.h5ad")])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "kp.csv").write_text(_keypoints_csv("px"))
+    result = runner.invoke(app, ["convert", "--data", str(tmp_path / "x"), "--alignment", str(tmp_path / "kp.csv"),
+                                 "--keypoint-units", "um", "--out", str(tmp_path / "c.h5ad")])
+    assert result.exit_code == 2 and "but the image is 400 x 300 px" in result.output  # px read as um: off the H&E
+    result = runner.invoke(app, ["convert", "--data", str(tmp_path / "x"), "--alignment", str(tmp_path / "kp.csv"),
+                                 "--keypoint-units", "px", "--out", str(tmp_path / "d.h5ad")])
+    assert result.exit_code == 0, result.output

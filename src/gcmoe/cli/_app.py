@@ -51,18 +51,24 @@ def print_table(results: dict, out: Path) -> None:
 
 
 # Options shared by the commands that read slides (cv, train, convert); docs/data.md describes the formats.
-FormatOpt = Annotated[Optional[str], typer.Option("--format", help="Layout of --data: auto (detect), sample (gcmoe .h5ad), hest (HEST-1k root), xenium (10x output folder), h5ad (AnnData + --image).")]
+FormatOpt = Annotated[Optional[str], typer.Option("--format", help="Layout of --data: auto (detect), sample (gcmoe .h5ad), hest (HEST-1k root), xenium (10x output folder), visium_hd (Space Ranger outs/ with segmented_outputs/, + --image), ghist (GHIST config JSON or data folder), spatialdata (SpatialData zarr store), h5ad (AnnData + --image).")]
 SampleIdOpt = Annotated[Optional[list[str]], typer.Option("--sample-id", help="HEST: the sample id(s) to read from the root (e.g. TENX95); repeatable.")]
 ImageOpt = Annotated[Optional[Path], typer.Option("--image", help="h5ad/xenium: the H&E image the cells lie on (TIFF; .svs/.ndpi with the openslide extra).")]
 MppOpt = Annotated[Optional[float], typer.Option("--mpp", help="Micrometres per H&E pixel (default: from the data's metadata or the TIFF tags).")]
 CellTypeKeyOpt = Annotated[Optional[str], typer.Option("--cell-type-key", help="obs column holding cell types (any names, any number).")]
+CoordsOpt = Annotated[Optional[str], typer.Option("--coords", help="h5ad: unit of the cell centres: px (pixels of --image), um (micrometres, divided by the pixel size) or auto (um for a spatialdata-io table, else px).")]
+XyColumnsOpt = Annotated[Optional[str], typer.Option("--xy-columns", help="h5ad: two obs columns holding the centres, x (image column) then y (image row), e.g. y_pixel,x_pixel; default obsm['spatial'].")]
+AlignmentOpt = Annotated[Optional[str], typer.Option("--alignment", help="xenium: the H&E alignment (10x *_he_imagealignment.csv, Xenium Explorer *_matrix.csv, *_alignment_files.zip or keypoints CSV), or identity if the H&E is the morphology image's pixel grid; default: found in the folder.")]
+KeypointUnitsOpt = Annotated[Optional[str], typer.Option("--keypoint-units", help="xenium: unit of a keypoints CSV's fixedX/fixedY: um, px (morphology pixels) or auto (from the pixel sizes each implies).")]
+SegmentationOpt = Annotated[Optional[str], typer.Option("--segmentation", help="HEST: which polygons make the cells: cell or nucleus (10x's, xenium_seg/), cellvit (CellViT's nuclei on the H&E, cellvit_seg/) or none; Visium HD: cell or nucleus (the centres).")]
 StreamOpt = Annotated[bool, typer.Option("--stream", help="Train from an on-disk cell store in shuffled chunks (flat memory; ST-Net* and GC-MoE models): docs/scale.md.")]
 
 
 def run_config_from(config: Path | None, data: list[Path] | None, reference: Path | None, out: Path | None,
                 models: str | None = None, *, fmt: str | None = None, sample_ids: list[str] | None = None,
                 image: Path | None = None, mpp: float | None = None, cell_type_key: str | None = None,
-                stream: bool = False):
+                stream: bool = False, coords: str | None = None, xy_columns: str | None = None,
+                alignment: str | None = None, keypoint_units: str | None = None, segmentation: str | None = None):
     """Settings from the YAML file (or the defaults), overridden by the command-line flags."""
     from gcmoe.config import RunConfig, from_dict, load_config, to_dict
 
@@ -71,7 +77,9 @@ def run_config_from(config: Path | None, data: list[Path] | None, reference: Pat
         run_config.data.source = "samples"
         run_config.data.samples = [str(p) for p in data]
     flags = {"format": fmt, "sample_ids": sample_ids or None, "image": str(image) if image else None, "mpp": mpp,
-             "cell_type_key": cell_type_key}
+             "cell_type_key": cell_type_key, "coords": coords,
+             "xy_columns": split_names(xy_columns) if xy_columns else None, "alignment": alignment,
+             "keypoint_units": keypoint_units, "segmentation": segmentation}
     flags = {k: v for k, v in flags.items() if v is not None}
     if flags:  # through from_dict so a flag is checked like the same key in a YAML file
         run_config.data = from_dict(type(run_config.data), {**to_dict(run_config.data), **flags}, "command line")

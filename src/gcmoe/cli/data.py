@@ -10,7 +10,21 @@ from typing import Annotated, Optional
 
 import typer
 
-from gcmoe.cli._app import CellTypeKeyOpt, FormatOpt, ImageOpt, MppOpt, app, fail, setup_logging, split_names
+from gcmoe.cli._app import (
+    AlignmentOpt,
+    CellTypeKeyOpt,
+    CoordsOpt,
+    FormatOpt,
+    ImageOpt,
+    KeypointUnitsOpt,
+    MppOpt,
+    SegmentationOpt,
+    XyColumnsOpt,
+    app,
+    fail,
+    setup_logging,
+    split_names,
+)
 from gcmoe.config import DataConfig, FeatureConfig, PriorConfig, TissueConfig
 from gcmoe.errors import GcmoeError
 
@@ -96,6 +110,11 @@ def convert(
     image: ImageOpt = None,
     mpp: MppOpt = None,
     cell_type_key: CellTypeKeyOpt = None,
+    coords: CoordsOpt = None,
+    xy_columns: XyColumnsOpt = None,
+    alignment: AlignmentOpt = None,
+    keypoint_units: KeypointUnitsOpt = None,
+    segmentation: SegmentationOpt = None,
     min_qv: Annotated[float, typer.Option(help="HEST: drop transcripts below this quality.")] = DataConfig.min_qv,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -105,7 +124,10 @@ def convert(
 
     try:
         sample = read_sample(data, fmt or "auto", sample_id=sample_id, image=image, mpp=mpp,
-                             cell_type_key=cell_type_key, min_qv=min_qv)
+                             cell_type_key=cell_type_key, min_qv=min_qv, coords=coords or DataConfig.coords,
+                             xy_columns=split_names(xy_columns), alignment=alignment,
+                             keypoint_units=keypoint_units or DataConfig.keypoint_units,
+                             segmentation=segmentation or DataConfig.segmentation)
         path = sample.write(out)
     except GcmoeError as exc:
         fail(exc)

@@ -8,16 +8,21 @@ from typing import Annotated, Optional
 import typer
 
 from gcmoe.cli._app import (
+    AlignmentOpt,
     CellTypeKeyOpt,
+    CoordsOpt,
     FormatOpt,
     ImageOpt,
+    KeypointUnitsOpt,
     MppOpt,
     SampleIdOpt,
+    SegmentationOpt,
     StreamOpt,
     app,
     fail,
     print_table,
     run_config_from,
+    XyColumnsOpt,
     setup_logging,
 )
 from gcmoe.config import FeatureConfig
@@ -56,6 +61,11 @@ def cv(
     image: ImageOpt = None,
     mpp: MppOpt = None,
     cell_type_key: CellTypeKeyOpt = None,
+    coords: CoordsOpt = None,
+    xy_columns: XyColumnsOpt = None,
+    alignment: AlignmentOpt = None,
+    keypoint_units: KeypointUnitsOpt = None,
+    segmentation: SegmentationOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Reuse the finished (model, fold) pairs and training checkpoints in OUT.")] = False,
     stream: StreamOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -66,7 +76,9 @@ def cv(
 
     try:
         run_config = run_config_from(config, data, reference, out, models, fmt=fmt, sample_ids=sample_id, image=image,
-                                 mpp=mpp, cell_type_key=cell_type_key, stream=stream)
+                                     mpp=mpp, cell_type_key=cell_type_key, stream=stream, coords=coords,
+                                     xy_columns=xy_columns, alignment=alignment, keypoint_units=keypoint_units,
+                                     segmentation=segmentation)
         results = run_cv(run_config, resume=resume)
     except GcmoeError as exc:
         fail(exc)
@@ -83,6 +95,11 @@ def train(
     image: ImageOpt = None,
     mpp: MppOpt = None,
     cell_type_key: CellTypeKeyOpt = None,
+    coords: CoordsOpt = None,
+    xy_columns: XyColumnsOpt = None,
+    alignment: AlignmentOpt = None,
+    keypoint_units: KeypointUnitsOpt = None,
+    segmentation: SegmentationOpt = None,
     reference: Annotated[Optional[Path], typer.Option(help="Labelled reference scRNA-seq .h5ad (GC-MoE's priors).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder; the model goes to OUT/model.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUT/checkpoints.")] = False,
@@ -96,7 +113,8 @@ def train(
 
     try:
         run_config = run_config_from(config, data, reference, out, fmt=fmt, sample_ids=sample_id, image=image, mpp=mpp,
-                                 cell_type_key=cell_type_key, stream=stream)
+                                     cell_type_key=cell_type_key, stream=stream, coords=coords, xy_columns=xy_columns,
+                                     alignment=alignment, keypoint_units=keypoint_units, segmentation=segmentation)
         run_config.train.device = init_from_env(run_config.train.device)  # under torchrun: join the group
         folder = train_model(run_config, model, resume=resume)
     except GcmoeError as exc:
@@ -113,6 +131,7 @@ def predict_cmd(
     cells: Annotated[Optional[Path], typer.Option(help="Cell centres: CSV/parquet (x, y px), GeoJSON, HoVer-Net JSON or a label mask.")] = None,
     detect: Annotated[bool, typer.Option("--detect", help="Find nuclei in the image instead of reading a cell file.")] = False,
     mpp: Annotated[Optional[float], typer.Option(help="Micrometres per pixel (default: from the TIFF/OME tags; required for PNG/JPEG).")] = None,
+    coords: Annotated[str, typer.Option("--coords", help="Unit of the --cells centres: px (pixels of the slide) or um (micrometres, divided by the pixel size).")] = "px",
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder.")] = None,
     device: Annotated[str, typer.Option()] = FeatureConfig.device,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -122,7 +141,8 @@ def predict_cmd(
     from gcmoe.inference import predict_slide
 
     try:
-        adata = predict_slide(model, slide, out, cells=cells, detect=detect, mpp=mpp, cache_dir=cache_dir, device=device)
+        adata = predict_slide(model, slide, out, cells=cells, detect=detect, mpp=mpp, cache_dir=cache_dir, device=device,
+                              coords=coords)
     except GcmoeError as exc:
         fail(exc)
     typer.echo(f"wrote {out}: {adata.n_obs} cells x {adata.n_vars} genes")

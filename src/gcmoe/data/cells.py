@@ -2,8 +2,10 @@
 
 - CSV or parquet of centroids: columns ``x``/``y`` (or ``x_centroid``/``y_centroid``, ``centroid_x``/``centroid_y``),
   optional ``cell_id``;
-- GeoJSON of nuclei (CellViT, QuPath): a FeatureCollection (or list) of Polygon / MultiPolygon / Point features,
-  one centre per feature (the polygon's area centroid);
+- GeoJSON of nuclei (CellViT, QuPath, HEST's ``cellvit_seg``): a FeatureCollection (or list) of Polygon /
+  MultiPolygon / Point features, one centre per feature (the polygon's area centroid); a QuPath annotation that
+  holds many objects (CellViT's export: one MultiPolygon per nucleus class) gives one centre per part
+  (:func:`gcmoe.data.readers.polygons.geojson_objects`); zipped GeoJSON is refused (use the parquet);
 - HoVer-Net JSON: ``{"nuc": {id: {"centroid": [x, y], ...}}}``;
 - a label mask (.tif/.tiff/.png/.npy, integer labels, 0 = background, same size as the slide's level 0): one
   centre per label (its centre of mass).
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gcmoe.data.readers.polygons import ring_centroid
+from gcmoe.data.readers.polygons import geojson_objects, load_geojson_features, ring_centroid
 from gcmoe.errors import InvalidSampleError
 
 X_COLUMNS = ("x", "x_centroid", "centroid_x", "he_x")
@@ -32,7 +34,9 @@ def read_cell_centres(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
     path = Path(path)
     if not path.is_file():
         raise InvalidSampleError(f"cell file not found: {path}")
-    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
+    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix.lower() in (".gz", ".zip") else path.suffix.lower()
+    if suffix == ".geojson.zip":
+        load_geojson_features(path)  # raises: zipped GeoJSON is refused, with the parquet as the fix
     if suffix in (".csv", ".tsv", ".csv.gz", ".parquet"):
         xy, ids = _read_table(path, suffix)
     elif suffix in (".json", ".geojson"):
@@ -104,13 +108,11 @@ def _read_json(path: Path) -> tuple[np.ndarray, list[str]]:
     if not isinstance(features, list):
         raise InvalidSampleError(f"{path}: expected a GeoJSON FeatureCollection, a list of features, or HoVer-Net JSON")
     centres, ids = [], []
-    for i, feature in enumerate(features):
-        geom = feature.get("geometry", feature) if isinstance(feature, dict) else None
-        if not isinstance(geom, dict):
+    for i, (oid, geom, _) in enumerate(geojson_objects(features, default_id="cell_{i}")):
+        if not isinstance(geom, dict) or "type" not in geom:
             raise InvalidSampleError(f"{path}: feature {i} has no geometry")
         centres.append(_geometry_centre(geom))
-        fid = feature.get("id", (feature.get("properties") or {}).get("id", f"cell_{i}"))
-        ids.append(str(fid))
+        ids.append(oid)
     return np.array(centres, dtype=np.float64).reshape(-1, 2), ids
 
 

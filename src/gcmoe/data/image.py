@@ -3,8 +3,9 @@
 Implementations share one small protocol: :class:`ArrayImage` (an RGB array in memory, e.g. a freshly
 generated virtual tissue), :class:`TiffImage` (a tiled, possibly pyramidal, TIFF, BigTIFF or OME-TIFF read
 through tifffile's zarr store, so only the tiles a region touches are decoded), :class:`PillowImage` (a PNG or
-JPEG crop, decoded whole by Pillow) and :class:`OpenSlideImage` (vendor formats through OpenSlide, with the
-optional ``openslide`` extra). :func:`open_image` picks one by the file's signature (its first bytes).
+JPEG crop, decoded whole by Pillow), :class:`OpenSlideImage` (vendor formats through OpenSlide, with the
+optional ``openslide`` extra) and :class:`OmeZarrImage` (an OME-Zarr image folder, as SpatialData stores its
+images). :func:`open_image` picks one by the file's signature (its first bytes), or by the folder's zarr metadata.
 """
 
 from __future__ import annotations
@@ -311,6 +312,8 @@ def image_mpp(path: str | os.PathLike) -> tuple[float, str] | None:
     plausibility check (``gcmoe.data.readers.resolve_image_mpp``).
     """
     path = Path(path)
+    if path.is_dir():  # an OME-Zarr image: its scale is in the SpatialData coordinate system, not the file
+        return None
     if path.suffix.lower() in OPENSLIDE_SUFFIXES:
         mpp = openslide_mpp(path)
         return None if mpp is None else (mpp, f"{path.name}'s openslide.mpp-x")
@@ -424,10 +427,60 @@ def file_signature(path: Path) -> bytes:
         return b""
 
 
+class OmeZarrImage:
+    """An OME-Zarr (NGFF 0.4 or 0.5) image folder, as SpatialData writes ``images/<name>``: level 0 of its
+    multiscale, read lazily through zarr; axes (c, y, x) or (y, x, c) from the metadata, 8-bit RGB(A)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import zarr
+
+        self._path = Path(path)
+        try:
+            group = zarr.open_group(str(self._path), mode="r")
+            attrs = dict(group.attrs)
+            multiscales = (attrs.get("ome") or attrs).get("multiscales") or []
+            level = multiscales[0]
+            axes = "".join((a["name"] if isinstance(a, dict) else str(a)).lower() for a in level["axes"])
+            self._array = group[level["datasets"][0]["path"]]
+        except (KeyError, IndexError, TypeError, ValueError, OSError) as exc:
+            raise ImageReadError(f"cannot read {self._path} as an OME-Zarr image (multiscales level 0): {exc}") from exc
+        if sorted(axes) != sorted("cyx") or self._array.shape[axes.index("c")] not in (3, 4) \
+                or np.dtype(self._array.dtype) != np.uint8:
+            raise ImageReadError(
+                f"{self._path}: expected one 8-bit RGB H&E image with axes c, y, x; found axes {axes!r}, shape "
+                f"{tuple(self._array.shape)}, type {self._array.dtype} (a fluorescence or label image?)"
+            )
+        self._order = [axes.index(a) for a in "yxc"]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        full = self._array.shape
+        return int(full[self._order[0]]), int(full[self._order[1]])
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    def read_region(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        def get(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+            index = [slice(None)] * 3
+            index[self._order[0]], index[self._order[1]] = slice(y0, y1), slice(x0, x1)
+            return np.transpose(np.asarray(self._array[tuple(index)]), self._order)[..., :3]
+
+        return _padded_read(get, self.shape, x, y, width, height)
+
+
+def is_ome_zarr(path: Path) -> bool:
+    """A folder with zarr metadata (``zarr.json``, or ``.zattrs`` for zarr v2)."""
+    return path.is_dir() and ((path / "zarr.json").is_file() or (path / ".zattrs").is_file())
+
+
 def open_image(path: str | os.PathLike) -> SlideImage:
-    """Open an image file: .svs/.ndpi/.mrxs/... through OpenSlide, PNG and JPEG (by their signature) through
-    Pillow, anything else as TIFF/BigTIFF/OME-TIFF through tifffile."""
+    """Open an image: .svs/.ndpi/.mrxs/... through OpenSlide, PNG and JPEG (by their signature) through Pillow, an
+    OME-Zarr folder through zarr, anything else as TIFF/BigTIFF/OME-TIFF through tifffile."""
     path = Path(path)
+    if is_ome_zarr(path):
+        return OmeZarrImage(path)
     if path.suffix.lower() in OPENSLIDE_SUFFIXES:
         return OpenSlideImage(path)
     if file_signature(path).startswith(PILLOW_SIGNATURES):

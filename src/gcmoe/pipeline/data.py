@@ -81,7 +81,8 @@ def load_samples(config: RunConfig, out: Path) -> tuple[list[Sample], Any, str]:
 
     d = config.data
     samples = read_samples(d.samples, d.format, d.sample_ids, image=d.image, mpp=d.mpp,
-                           cell_type_key=d.cell_type_key, min_qv=d.min_qv)
+                           cell_type_key=d.cell_type_key, min_qv=d.min_qv, coords=d.coords, xy_columns=d.xy_columns,
+                           alignment=d.alignment, keypoint_units=d.keypoint_units, segmentation=d.segmentation)
     ids = [s.sample_id for s in samples]
     if len(set(ids)) != len(ids):
         raise InvalidSampleError(f"sample ids must be unique across the run, got {ids}")

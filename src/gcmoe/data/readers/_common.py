@@ -20,13 +20,22 @@ log = logging.getLogger(__name__)
 MAX_OUTSIDE_FRACTION = 0.01  # up to 1% of cells (segmentation edge effects) are dropped with a warning
 
 
-def inside_image(xy: np.ndarray, shape: tuple[int, int], sample_id: str, mpp: float | None, source: str) -> np.ndarray:
+def fits(xy: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Boolean mask of the finite centres (x, y) that lie inside an image of ``shape`` (height, width)."""
+    height, width = shape
+    return np.isfinite(xy).all(axis=1) & (xy[:, 0] >= 0) & (xy[:, 0] < width) & (xy[:, 1] >= 0) & (xy[:, 1] < height)
+
+
+def inside_image(xy: np.ndarray, shape: tuple[int, int], sample_id: str, mpp: float | None, source: str,
+                 alternatives: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
     """Boolean mask of centres inside the image; raise when more than 1% fall outside (wrong units/alignment).
 
-    ``shape`` is (height, width) of the full-resolution image; ``source`` names where the centres came from.
+    ``shape`` is (height, width) of the full-resolution image; ``source`` names where the centres came from;
+    ``alternatives`` maps the advice for another reading of the same centres (other unit, x and y swapped) to the
+    pixels that reading gives: when all of those fit the image, the error gives that advice.
     """
     height, width = shape
-    ok = np.isfinite(xy).all(axis=1) & (xy[:, 0] >= 0) & (xy[:, 0] < width) & (xy[:, 1] >= 0) & (xy[:, 1] < height)
+    ok = fits(xy, shape)
     n_out = int((~ok).sum())
     if n_out == 0:
         return ok
@@ -39,6 +48,9 @@ def inside_image(xy: np.ndarray, shape: tuple[int, int], sample_id: str, mpp: fl
     hint = "are they micrometres? give --mpp or the alignment"
     if mpp and len(finite) and np.all(hi * mpp < [width, height]) and np.all(lo >= 0):
         hint = f"they would fit if they were scaled by mpp={mpp:g}: are they pixels of another image level?"
+    fitting = [advice for advice, other in (alternatives or {}).items() if fits(other, shape).mean() > 1 - MAX_OUTSIDE_FRACTION]
+    if fitting:
+        hint = f"they fit the image when read another way: {fitting[0]}"
     raise InvalidSampleError(
         f"sample {sample_id}: cell centres from {source} extend to ({hi[0]:.0f}, {hi[1]:.0f}) px (from "
         f"({lo[0]:.0f}, {lo[1]:.0f})) but the image is {width} x {height} px; {n_out} of {len(xy)} lie outside; "

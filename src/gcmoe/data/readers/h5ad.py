@@ -1,7 +1,9 @@
 """Any AnnData with cell centres + an H&E image -> :class:`Sample`.
 
-Reads an ``.h5ad`` whose ``obsm["spatial"]`` (or another key) holds (x, y) cell centres in full-resolution
-pixels of the given image; raw counts from ``layers["counts"]`` or ``X`` (non-negative and integer-valued);
+Reads an ``.h5ad`` whose ``obsm["spatial"]`` (or another key, or two ``obs`` columns) holds (x, y) cell centres
+in full-resolution pixels of the given image, or in micrometres (``coords="um"``; the default for a table written
+by spatialdata-io, whose Xenium ``obsm["spatial"]`` is 10x's ``x_centroid``/``y_centroid`` in micrometres); raw
+counts from ``layers["counts"]`` or ``X`` (non-negative and integer-valued);
 cell types from any ``obs`` column, with any names and any number of types. The pixel size comes from the
 argument, else ``uns["gcmoe"]["mpp"]``, else what the image states (OME ``PhysicalSizeX``, TIFF resolution tags,
 OpenSlide's mpp-x); when both of the latter are known they must agree within 5%.
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +24,77 @@ import scipy.sparse as sp
 from gcmoe._constants import Key, UnsKey
 from gcmoe.data.image import image_mpp, open_image
 from gcmoe.data.readers._common import choose_mpp, inside_image, no_mpp_reason
+from gcmoe.data.readers._coords import COORDS, Coords, check_spacing, to_pixels
 from gcmoe.data.sample import Sample
 from gcmoe.errors import InvalidSampleError
 from gcmoe.files import plain_values
 
 log = logging.getLogger(__name__)
+
+
+class AnnDataKeys:
+    """Fields of AnnData tables written by others that the reader recognises."""
+
+    SPATIALDATA_ATTRS = "spatialdata_attrs"  # uns: spatialdata's TableModel (region, region_key, instance_key)
+    COORDINATE_TOKENS = ("x", "y", "row", "col", "column")  # obs column names holding centres, split at _ . -
+    COORDINATE_WORDS = ("pixel", "pxl", "centroid", "coord", "imagerow", "imagecol")
+
+
+def is_spatialdata_table(adata) -> bool:
+    """True for a table written by spatialdata / spatialdata-io (``uns["spatialdata_attrs"]``)."""
+    return AnnDataKeys.SPATIALDATA_ATTRS in adata.uns
+
+
+def _coordinate_columns(obs: pd.DataFrame) -> list[str]:
+    """Numeric ``obs`` columns whose names look like coordinates, for the error that asks for them."""
+    found = []
+    for name in obs.columns:
+        low = str(name).lower()
+        tokens = set(re.split(r"[^a-z0-9]+", low))
+        if obs[name].dtype.kind in "fiu" and (tokens & set(AnnDataKeys.COORDINATE_TOKENS)
+                                              or any(w in low for w in AnnDataKeys.COORDINATE_WORDS)):
+            found.append(str(name))
+    return found
+
+
+def cell_centres(adata, path: Path, spatial_key: str, xy_columns: Sequence[str] | None) -> tuple[np.ndarray, str]:
+    """The (x, y) centres as the file gives them and where they came from: ``obs[xy_columns]`` when given (x =
+    image column, y = image row), else ``obsm[spatial_key]``; an error that names the candidates otherwise."""
+    if xy_columns:
+        if len(xy_columns) != 2:
+            raise InvalidSampleError(f"--xy-columns takes two obs columns, x (image column) then y (image row); got {list(xy_columns)}")
+        missing = [c for c in xy_columns if c not in adata.obs]
+        if missing:
+            raise InvalidSampleError(f"{path}: no obs column(s) {missing} for the centres; obs columns are {list(adata.obs.columns)[:30]}")
+        try:
+            xy = adata.obs[list(xy_columns)].to_numpy(dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise InvalidSampleError(f"{path}: obs columns {list(xy_columns)} are not numeric ({exc})") from exc
+        return xy, f"{path.name} obs[{list(xy_columns)}]"
+    if spatial_key not in adata.obsm:
+        candidates = _coordinate_columns(adata.obs)
+        advice = (f"obs has {candidates}: if they are the centres, name them with --xy-columns X,Y (x = the image "
+                  "column, y = the image row, in that order)") if candidates else "put them in obsm['spatial'] as (x, y)"
+        raise InvalidSampleError(
+            f"{path}: no obsm['{spatial_key}'] with cell centres (obsm keys: {list(adata.obsm.keys())}); {advice}"
+        )
+    xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] < 2:
+        raise InvalidSampleError(f"{path}: obsm['{spatial_key}'] must be (n_cells, 2) x, y pixels, got {xy.shape}")
+    return xy[:, :2], f"{path.name} obsm['{spatial_key}']"
+
+
+def resolve_coords(coords: Coords, adata, path: Path) -> str:
+    """``px`` or ``um``: as given, else ``um`` for a spatialdata-io table (its centres are micrometres), else ``px``."""
+    if coords not in COORDS:
+        raise InvalidSampleError(f"unknown unit of the cell centres coords={coords!r}; choose one of {list(COORDS)}")
+    if coords != "auto":
+        return coords
+    if is_spatialdata_table(adata):
+        log.info("%s is a spatialdata table: its centres are read as micrometres (give --coords px if they are "
+                 "pixels)", path.name)
+        return "um"
+    return "px"
 
 
 def raw_counts(adata, where: str) -> np.ndarray | sp.spmatrix:
@@ -55,6 +125,8 @@ def read_h5ad(
     cell_type_key: str | None = None,
     sample_id: str | None = None,
     spatial_key: str = Key.SPATIAL,
+    coords: Coords = "auto",
+    xy_columns: Sequence[str] | None = None,
 ) -> Sample:
     """Read an AnnData + image pair as a Sample.
 
@@ -71,7 +143,14 @@ def read_h5ad(
     cell_type_key
         An ``obs`` column with cell types, copied to ``obs["cell_type"]`` (routing types follow its names).
     spatial_key
-        The ``obsm`` key of the (x, y) pixel centres.
+        The ``obsm`` key of the (x, y) centres.
+    coords
+        Unit of the centres: ``px`` (pixels of ``image``), ``um`` (micrometres from the image's top-left corner,
+        divided by the pixel size), ``auto``: ``um`` for a spatialdata-io table, else ``px``. Either way, the
+        centres must fit the image and lie at least 2.5 um apart (median nearest neighbour), else an error
+        says which unit they look like.
+    xy_columns
+        Two ``obs`` columns holding x (the image column) and y (the image row), instead of ``obsm``.
     """
     import anndata
 
@@ -95,6 +174,7 @@ def read_h5ad(
         image = image if image.is_absolute() else path.parent / image
     if image is None:
         raise InvalidSampleError(f"{path}: which H&E image do the cells lie on? give it with --image (data.image)")
+    raw, where = cell_centres(adata, path, spatial_key, xy_columns)
     slide = open_image(image)
     sources: dict[str, float | None] = {}
     if mpp is None:
@@ -105,14 +185,8 @@ def read_h5ad(
             sources[stated[1]] = stated[0]
     mpp, source = choose_mpp(mpp, sources, sample_id, f"not given, not in {path.name}; {no_mpp_reason(Path(image))}")
 
-    if spatial_key not in adata.obsm:
-        raise InvalidSampleError(
-            f"{path}: no obsm['{spatial_key}'] with cell centres; found obsm keys {list(adata.obsm.keys())}"
-        )
-    xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
-    if xy.ndim != 2 or xy.shape[1] < 2:
-        raise InvalidSampleError(f"{path}: obsm['{spatial_key}'] must be (n_cells, 2) x, y pixels, got {xy.shape}")
-    xy = xy[:, :2]
+    unit = resolve_coords(coords, adata, path)
+    xy = to_pixels(raw, unit, mpp)
     counts = raw_counts(adata, str(path))
     cell_type = None
     if cell_type_key is not None:
@@ -121,7 +195,13 @@ def read_h5ad(
                 f"{path}: no obs column {cell_type_key!r} for cell types; obs columns are {list(adata.obs.columns)[:30]}"
             )
         cell_type = adata.obs[cell_type_key].astype(str).to_numpy()
-    keep = inside_image(xy, slide.shape, sample_id, mpp, f"{path.name} obsm['{spatial_key}']")
+    other = "px" if unit == "um" else "um"
+    swap = f"--xy-columns {xy_columns[1]},{xy_columns[0]}" if xy_columns else "swap x and y"
+    alternatives = {f"x and y swapped ({swap})": xy[:, ::-1],
+                    f"as {'pixels' if other == 'px' else 'micrometres'} (--coords {other})": to_pixels(raw, other, mpp)}
+    keep = inside_image(xy, slide.shape, sample_id, mpp, f"{where} ({'micrometres' if unit == 'um' else 'pixels'})",
+                        alternatives)
+    check_spacing(raw[keep], unit, mpp, sample_id, where)
     obs = adata.obs.drop(columns=[c for c in (Key.SAMPLE_ID, Key.CELL_TYPE) if c in adata.obs]).iloc[np.flatnonzero(keep)]
     obs = obs.reset_index(drop=True)
     if not adata.obs_names.is_unique:
@@ -132,7 +212,7 @@ def read_h5ad(
         raise InvalidSampleError(f"{path}: duplicated gene names, e.g. {dup}")
     rows = np.flatnonzero(keep)
     provenance = {"format": "h5ad", "file": str(path.resolve()), "image": str(slide.path), "mpp_source": source,
-                  "spatial_key": spatial_key, "cell_type_key": cell_type_key}
+                  "centres": where, "coords": unit, "cell_type_key": cell_type_key}
     sample = Sample.from_arrays(
         counts[rows], xy[rows], slide, mpp, list(map(str, adata.var_names)), sample_id,
         cell_ids=list(adata.obs_names[rows]), cell_type=None if cell_type is None else cell_type[rows],

@@ -14,7 +14,16 @@ transcripts (already registered to the H&E by HEST: ``he_x``/``he_y`` in full-re
   ``he_x``/``he_y``;
 - ``xenium_seg/{id}_xenium_cell_seg.parquet`` (or ``_nucleus_seg``): GeoParquet, one polygon per cell in
   H&E pixels, the cell id as a column or as the stored index. Optional: without it, cells are the transcripts'
-  ``cell_id`` groups and their centres the mean transcript position.
+  ``cell_id`` groups and their centres the mean transcript position;
+- ``cellvit_seg/{id}_cellvit_seg.parquet`` (or ``.geojson``), with ``segmentation="cellvit"``: CellViT's nuclei
+  segmented on the H&E by HEST (GeoParquet: ``geometry``, ``class`` = PanNuke type, ``cell_id`` = running
+  number; the GeoJSON holds one MultiPolygon per class, parts numbered the same way). Cells are the nuclei,
+  transcripts are assigned to the nucleus that contains them (their ``cell_id`` belongs to the 10x
+  segmentation, not to CellViT's), and ``obs["cellvit_class"]`` keeps the class.
+
+HEST's zipped GeoJSON (``*.geojson.zip``; for ``xenium_seg`` the cells dealt into 10 chunks without their ids)
+is never read: the parquet of the same segmentation is, and a folder that only has the zip is refused with that
+advice.
 """
 
 from __future__ import annotations
@@ -49,6 +58,9 @@ class HestKeys:
     META_DIR = "metadata"
     TRANSCRIPTS_DIR = "transcripts"
     SEG_DIR = "xenium_seg"
+    CELLVIT_DIR = "cellvit_seg"
+    CELLVIT = "{id}_cellvit_seg"  # + .parquet (or .geojson; HEST zips it: .geojson.zip)
+    CELLVIT_CLASS = "cellvit_class"  # obs column of the CellViT (PanNuke) nucleus class
     ST_DIR = "st"
     ST = "{id}.h5ad"
     SPOT_SPACING = "inter_spot_dist"  # metadata: centre-to-centre distance of the (pseudo-)spots, um
@@ -92,7 +104,7 @@ def read_hest(
     root: str | os.PathLike,
     sample_id: str | None = None,
     mpp: float | None = None,
-    segmentation: Literal["cell", "nucleus", "none"] = "cell",
+    segmentation: Literal["cell", "nucleus", "cellvit", "none"] = "cell",
     assign: Literal["auto", "cell_id", "polygons"] = "auto",
     min_qv: float = MIN_QV,
     progress: bool = True,
@@ -109,8 +121,9 @@ def read_hest(
         Overrides the pixel size. Without it, ``pixel_size_um_estimated`` is used after a cross-check with the
         spot spacing of ``st/{id}.h5ad`` (when present): more than 5% apart stops with both values.
     segmentation
-        Which 10x segmentation gives the cells and their centres: whole cells or nuclei; "none" uses the
-        transcripts' cell_id groups and their mean positions.
+        Which segmentation gives the cells and their centres: 10x's whole cells or nuclei, CellViT's nuclei
+        segmented on the H&E (``cellvit_seg/``; transcripts assigned by polygon); "none" uses the transcripts'
+        cell_id groups and their mean positions.
     assign
         How transcripts find their cell: the file's ``cell_id`` ("auto" when present) or the polygons.
 
@@ -173,10 +186,28 @@ def read_hest(
             f"found under {root}; download HEST's transcripts/ folder for this sample (cells are built from it)"
         )
     polygons = seg_path = None
+    if segmentation not in ("cell", "nucleus", "cellvit", "none"):
+        raise InvalidSampleError(f"unknown HEST segmentation {segmentation!r}; choose cell, nucleus, cellvit or none")
+    if segmentation == "cellvit":
+        if assign == "cell_id":
+            raise InvalidSampleError("CellViT's nuclei have their own ids, not the transcripts' cell_id: use "
+                                     "assign='polygons' (or 'auto') with segmentation='cellvit'")
+        assign = "polygons"
     if segmentation != "none":
-        stem = HestKeys.SEG.format(id=sample_id, kind=segmentation)
-        seg_dir = root / HestKeys.SEG_DIR
+        cellvit = segmentation == "cellvit"
+        stem = HestKeys.CELLVIT.format(id=sample_id) if cellvit else HestKeys.SEG.format(id=sample_id, kind=segmentation)
+        seg_dir = root / (HestKeys.CELLVIT_DIR if cellvit else HestKeys.SEG_DIR)
         seg_path = _find(seg_dir, stem + ".parquet") or _find(seg_dir, stem + ".geojson")
+        zipped = _find(seg_dir, stem + ".geojson.zip")
+        if seg_path is None and zipped is not None:
+            raise InvalidSampleError(
+                f"HEST sample {sample_id}: {seg_dir.name}/ holds only {zipped.name}, HEST's zipped GeoJSON"
+                + ("" if cellvit else " (the cells dealt into 10 chunks without their cell ids)")
+                + f", which is not read; download {seg_dir.name}/{stem}.parquet (the same polygons, with their ids)"
+            )
+        if seg_path is None and cellvit:
+            raise InvalidSampleError(f"HEST sample {sample_id}: no {seg_dir.name}/{stem}.parquet under {root}; "
+                                     "download HEST's cellvit_seg/ folder for this sample, or use another segmentation")
         if seg_path is None:
             log.warning("HEST %s: no %s/%s.parquet; cell centres are the mean transcript positions",
                         sample_id, HestKeys.SEG_DIR, stem)
@@ -209,6 +240,10 @@ def read_hest(
     obs = pd.DataFrame({"n_transcripts": n_per_cell[rows].astype(np.int64)})
     if area_um2 is not None:
         obs["area_um2"] = area_um2[rows]
+    if polygons is not None and polygons.classes is not None:
+        classes = dict(zip(polygons.ids, polygons.classes))
+        obs[HestKeys.CELLVIT_CLASS if segmentation == "cellvit" else "segmentation_class"] = pd.Categorical(
+            [classes[tc.cell_ids[i]] for i in rows])
     provenance = {
         "format": "hest",
         "root": str(root.resolve()),

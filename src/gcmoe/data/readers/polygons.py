@@ -6,7 +6,13 @@ MultiPolygon, 2-D or with Z, little- or big-endian, ISO or EWKB type codes). Sup
 - GeoParquet (HEST ``xenium_seg/{id}_xenium_cell_seg.parquet``): a WKB ``geometry`` column, the cell id in a
   ``cell_id`` column or in the pandas index stored by geopandas;
 - 10x vertex tables (Xenium ``cell_boundaries.parquet``): one row per vertex, ``cell_id``, ``vertex_x``, ``vertex_y``;
-- GeoJSON FeatureCollections (QuPath/HEST exports), ids from ``id`` or ``properties.cell_id``/``properties.id``.
+- GeoJSON FeatureCollections or feature lists, ids from ``id`` or ``properties.cell_id``/``properties.id``. A
+  feature that is a QuPath *annotation* holding many objects (``properties.objectType == "annotation"`` with a
+  MultiPolygon/MultiPoint: CellViT's export, one feature per nucleus class, and HEST's ``cellvit_seg``) gives
+  one object per part, numbered in file order as HEST numbers them (its parquet's ``cell_id``), with the
+  feature's ``classification.name`` as the class. HEST's chunked GeoJSON (``write_geojson(chunk=True)``: the
+  cells dealt into 10 features named "0".."9", their ids dropped) and zipped GeoJSON (``*.geojson.zip``) are
+  refused: the parquet beside them holds the same polygons with their ids.
 
 Coordinates are returned as they are stored; the caller knows their unit (HEST: H&E pixels; 10x: micrometres).
 """
@@ -38,6 +44,7 @@ class Polygons:
 
     ids: list[str]
     rings: list[np.ndarray]
+    classes: list[str] | None = None  # a class per cell when the file has one (CellViT's nucleus types)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -128,6 +135,12 @@ def read_polygons(path: str | os.PathLike) -> Polygons:
     if not path.is_file():
         raise InvalidSampleError(f"cell segmentation file not found: {path}")
     name = path.name.lower()
+    if name.endswith(".zip"):
+        raise InvalidSampleError(
+            f"{path}: a zipped segmentation is not read: HEST zips its GeoJSON (for the xenium_seg files, the cells "
+            "dealt into 10 chunks without their ids); use the .parquet beside it (HEST ships the same polygons as "
+            f"{path.name.split('.')[0]}.parquet, with their cell ids)"
+        )
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -160,26 +173,30 @@ def _read_geoparquet(path: Path, schema) -> Polygons:
     meta = schema.pandas_metadata or {}
     index_cols = [c for c in meta.get("index_columns", []) if isinstance(c, str)]
     id_col = "cell_id" if "cell_id" in schema.names else (index_cols[0] if index_cols else None)
-    columns = ["geometry"] + ([id_col] if id_col else [])
+    class_col = next((c for c in GeoJsonKeys.CLASS_COLUMNS if c in schema.names), None)
+    columns = ["geometry"] + ([id_col] if id_col else []) + ([class_col] if class_col else [])
     ids: list[str] = []
     rings: list[np.ndarray] = []
+    classes: list[str] = []
     n_empty = 0
     pf = pq.ParquetFile(path)
     row = 0
     for batch in pf.iter_batches(batch_size=200_000, columns=columns):
         geoms = batch.column("geometry").to_pylist()
         bids = batch.column(id_col).to_pylist() if id_col else list(range(row, row + len(geoms)))
+        bclass = batch.column(class_col).to_pylist() if class_col else [None] * len(geoms)
         row += len(geoms)
-        for cid, g in zip(bids, geoms):
+        for cid, g, cls in zip(bids, geoms, bclass):
             ring = wkb_exterior(g) if g is not None else np.zeros((0, 2))
             if len(ring) < 3:
                 n_empty += 1
                 continue
             ids.append(as_str_id(cid))
             rings.append(ring)
+            classes.append(str(cls))
     if n_empty:
         log.warning("%s: %d empty or degenerate polygons skipped", path.name, n_empty)
-    return _checked(Polygons(ids, rings), path)
+    return _checked(Polygons(ids, rings, classes if class_col else None), path)
 
 
 def _vertex_table(df, path: Path) -> Polygons:
@@ -194,7 +211,25 @@ def _vertex_table(df, path: Path) -> Polygons:
     return _checked(Polygons(ids, rings), path)
 
 
-def _read_geojson(path: Path) -> Polygons:
+class GeoJsonKeys:
+    """GeoJSON fields of QuPath-style exports (CellViT, HEST) and the class columns of their parquet twins."""
+
+    OBJECT_TYPE = "objectType"
+    ANNOTATION = "annotation"  # a QuPath annotation: one feature may hold many objects
+    CLASSIFICATION = "classification"
+    NAME = "name"
+    MULTI = ("MultiPolygon", "MultiPoint")
+    HEST_CHUNKS = 10  # HEST's write_geojson(chunk=True) deals the cells into 10 features named "0".."9"
+    CLASS_COLUMNS = ("class", "classification", "cell_type")
+
+
+def load_geojson_features(path: Path) -> list:
+    """The features of a GeoJSON FeatureCollection or feature list (zipped GeoJSON refused)."""
+    if path.name.lower().endswith(".zip"):
+        raise InvalidSampleError(
+            f"{path}: zipped GeoJSON is not read; use the .parquet beside it (HEST ships each segmentation as "
+            "parquet too, with the cell ids), or unzip it"
+        )
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -202,10 +237,61 @@ def _read_geojson(path: Path) -> Polygons:
     features = data.get("features") if isinstance(data, dict) else data
     if not isinstance(features, list):
         raise InvalidSampleError(f"{path}: expected a GeoJSON FeatureCollection or a list of features")
-    ids, rings = [], []
+    return features
+
+
+def _class_name(props: dict) -> str | None:
+    cls = props.get(GeoJsonKeys.CLASSIFICATION)
+    if isinstance(cls, dict):
+        cls = cls.get(GeoJsonKeys.NAME)
+    return None if cls is None else str(cls)
+
+
+def is_multi_object(feature: dict) -> bool:
+    """A QuPath annotation holding many objects (CellViT's and HEST's exports): one object per part."""
+    geom = (feature or {}).get("geometry") or {}
+    props = (feature or {}).get("properties") or {}
+    return geom.get("type") in GeoJsonKeys.MULTI and props.get(GeoJsonKeys.OBJECT_TYPE) == GeoJsonKeys.ANNOTATION
+
+
+def is_hest_chunks(features: list) -> bool:
+    """True for HEST's chunked GeoJSON: every feature a multi-object annotation named "0", "1", ... (<= 10)."""
+    if not features or len(features) > GeoJsonKeys.HEST_CHUNKS or not all(is_multi_object(f) for f in features):
+        return False
+    names = [_class_name(f.get("properties") or {}) for f in features]
+    return names == [str(i) for i in range(len(names))]
+
+
+def geojson_objects(features: list, default_id: str = "{i}") -> list[tuple[str, dict, str | None]]:
+    """(id, single geometry, class) per object: a multi-object annotation gives one per part, numbered in file
+    order (HEST's ``cell_id``); other features give one each, id from ``id``/``properties.cell_id``/``.id``, else
+    ``default_id`` formatted with the feature's index ``i``."""
+    objects: list[tuple[str, dict, str | None]] = []
     for i, feat in enumerate(features):
-        geom = (feat or {}).get("geometry") or {}
+        if not isinstance(feat, dict):
+            continue
+        geom = feat.get("geometry") or {}
         props = feat.get("properties") or {}
+        if is_multi_object(feat):
+            single = "Polygon" if geom["type"] == "MultiPolygon" else "Point"
+            for part in geom.get("coordinates") or []:
+                objects.append((str(len(objects)), {"type": single, "coordinates": part}, _class_name(props)))
+        else:
+            fid = feat.get("id", props.get("cell_id", props.get("id", default_id.format(i=i))))
+            objects.append((as_str_id(fid), geom, _class_name(props)))
+    return objects
+
+
+def _read_geojson(path: Path) -> Polygons:
+    features = load_geojson_features(path)
+    if is_hest_chunks(features):
+        raise InvalidSampleError(
+            f"{path}: HEST's chunked GeoJSON (the cells dealt into {len(features)} features named 0..{len(features) - 1}, "
+            "their cell ids dropped) cannot be matched to the transcripts; use the .parquet of the same "
+            "segmentation (HEST ships it beside the GeoJSON, with the cell ids)"
+        )
+    ids, rings, classes = [], [], []
+    for oid, geom, cls in geojson_objects(features):
         if geom.get("type") == "Polygon":
             parts = [geom["coordinates"]]
         elif geom.get("type") == "MultiPolygon":
@@ -216,8 +302,10 @@ def _read_geojson(path: Path) -> Polygons:
         if not exteriors:
             continue
         rings.append(max(exteriors, key=lambda r: ring_centroid(r)[1]))
-        ids.append(as_str_id(feat.get("id", props.get("cell_id", props.get("id", i)))))
-    return _checked(Polygons(ids, rings), path)
+        ids.append(oid)
+        classes.append(cls)
+    has_classes = any(c is not None for c in classes)
+    return _checked(Polygons(ids, rings, [str(c) for c in classes] if has_classes else None), path)
 
 
 def _checked(polys: Polygons, path: Path) -> Polygons:

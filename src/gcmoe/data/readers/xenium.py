@@ -9,10 +9,15 @@ Files read from the Xenium output folder (``outs/``), names as 10x writes them:
   features/{id,name,feature_type,genome}}``, genes x cells, CSC) or the ``cell_feature_matrix/`` MEX folder
   (``matrix.mtx.gz``, ``features.tsv.gz``, ``barcodes.tsv.gz``). Counts are Q20 transcripts; only
   ``feature_type == "Gene Expression"`` features that are not controls are kept;
-- the H&E image (``*he_image.ome.tif`` or the ``image`` argument) and its alignment: ``*he_imagealignment.csv``,
-  a 3x3 affine (no header) that maps H&E pixels (x, y, 1) to morphology-image pixels (10x's knowledge base;
-  spatialdata-io and HEST read it the same way), or a Xenium Explorer keypoints CSV (``fixedX``, ``fixedY``,
-  ``alignmentX``, ``alignmentY``; fixed = Xenium, alignment = H&E pixels) from which the affine is fitted.
+- the H&E image (``*he_image.ome.tif`` or the ``image`` argument) and its alignment, found in this order:
+  10x's ``*he_imagealignment.csv``; Xenium Explorer's "Download Alignment File" exports: the transformation matrix
+  alone (``<image>_matrix.csv``), both boxes ticked (``*_alignment_files.zip`` holding ``matrix.csv`` and the
+  keypoints CSV), the keypoints alone (``*keypoints*.csv``: ``fixedX``, ``fixedY`` on the Xenium side,
+  ``alignmentX``, ``alignmentY`` in H&E pixels). A matrix is a 3x3 affine (no header) mapping H&E pixels
+  (x, y, 1) to morphology-image pixels (10x's knowledge base; spatialdata-io and HEST read it the same way); an
+  affine is fitted to keypoints, whose Xenium-side unit is settled from the data (docs/data.md). Without any,
+  the read stops unless ``alignment="identity"`` (the H&E is the morphology image's pixel grid), which is refused
+  when the H&E's own pixel size is not Xenium's.
 
 Cell centres: micrometres / ``pixel_size`` = morphology pixels, then the inverse affine gives H&E pixels. The
 H&E pixel size is ``pixel_size x sqrt(|det A|)`` (A the affine's linear part), cross-checked with the image's
@@ -22,11 +27,13 @@ OME/TIFF pixel size when it has one.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import os
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +52,9 @@ from gcmoe.files import plain_values
 
 log = logging.getLogger(__name__)
 
+KeypointUnits = Literal["auto", "um", "px"]
+HE_SCAN_MPP = (0.12, 1.0)  # um/px of H&E scans (40x ~0.25, 20x ~0.5, 10x ~1.0); settles keypoint units when nothing else does
+
 
 class XeniumKeys:
     """File, column and field names of a 10x Xenium Onboard Analysis output folder."""
@@ -61,9 +71,13 @@ class XeniumKeys:
     MATRIX_MEX = "cell_feature_matrix"
     GENE_EXPRESSION = "Gene Expression"
     HE_IMAGE_GLOBS = ("*he_image.ome.tif", "*he_image.ome.tiff", "*he_image.tif")
-    ALIGNMENT_GLOB = "*imagealignment.csv"
-    KEYPOINTS_GLOB = "*keypoints*.csv"
+    ALIGNMENT_GLOB = "*imagealignment.csv"  # 10x's H&E alignment (a 3x3 matrix)
+    EXPLORER_MATRIX_GLOB = "*matrix.csv"  # Xenium Explorer, "Transformation Matrix" only: <image>_matrix.csv
+    EXPLORER_ZIP_GLOB = "*alignment_files.zip"  # Xenium Explorer, matrix + keypoints
+    KEYPOINTS_GLOB = "*keypoints*.csv"  # Xenium Explorer, keypoints only
+    NOT_ALIGNMENT = ("cell_feature_matrix",)  # file names the globs above must not pick up
     KEYPOINT_COLUMNS = ("fixedX", "fixedY", "alignmentX", "alignmentY")
+    IDENTITY = "identity"  # alignment="identity": the H&E is the morphology image's pixel grid
     DEFAULT_PIXEL_SIZE = 0.2125
     KNOWN_MAJOR_VERSIONS = (1, 2, 3, 4)
 
@@ -74,42 +88,155 @@ def is_xenium_folder(path: str | os.PathLike) -> bool:
 
 
 def read_alignment(path: str | os.PathLike, pixel_size: float = XeniumKeys.DEFAULT_PIXEL_SIZE,
-                   keypoint_units: Literal["um", "px"] = "um") -> np.ndarray:
+                   keypoint_units: KeypointUnits = "auto", he_mpp: float | None = None) -> np.ndarray:
     """The 3x3 affine from H&E pixels to Xenium morphology-image pixels.
 
-    Reads a 10x ``*_imagealignment.csv`` (3 rows of 3 numbers, no header) as is, or fits the affine by least
-    squares to a Xenium Explorer keypoints CSV (``alignmentX/Y`` H&E pixels -> ``fixedX/Y`` Xenium
-    coordinates, micrometres unless ``keypoint_units="px"``).
+    Reads a 3x3 matrix CSV (10x's ``*_imagealignment.csv``, Xenium Explorer's ``<image>_matrix.csv``; 3 rows of
+    3 numbers, no header) as is; a Xenium Explorer ``*_alignment_files.zip`` through its ``matrix.csv`` (its
+    keypoints, when present, are checked against the matrix); a keypoints CSV (``alignmentX/Y`` H&E pixels ->
+    ``fixedX/Y``) by a least-squares fit over all points, with ``fixedX/Y`` read as ``keypoint_units``: ``um``,
+    ``px`` (morphology pixels) or ``auto`` (:func:`keypoint_units_of`, using ``he_mpp`` when known).
     """
     path = Path(path)
     if not path.is_file():
         raise InvalidSampleError(f"alignment file not found: {path}")
+    if zipfile.is_zipfile(path):
+        return _read_explorer_zip(path, pixel_size, keypoint_units, he_mpp)
     text = path.read_text().strip()
     first = text.splitlines()[0] if text else ""
     if all(c in first for c in XeniumKeys.KEYPOINT_COLUMNS):
-        df = pd.read_csv(path)
-        if len(df) < 3:
-            raise InvalidSampleError(f"{path}: an affine needs at least 3 keypoints, found {len(df)}")
-        src = df[["alignmentX", "alignmentY"]].to_numpy(dtype=np.float64)
-        dst = df[["fixedX", "fixedY"]].to_numpy(dtype=np.float64)
-        if keypoint_units == "um":
-            dst = dst / pixel_size
-        design = np.column_stack([src, np.ones(len(src))])
-        coef, *_ = np.linalg.lstsq(design, dst, rcond=None)
-        matrix = np.vstack([coef.T, [0.0, 0.0, 1.0]])
-    else:
-        try:
-            matrix = np.loadtxt(path, delimiter=",", dtype=np.float64)
-        except ValueError as exc:
-            raise InvalidSampleError(
-                f"{path}: expected a 3x3 affine (3 lines of 3 comma-separated numbers) or a keypoints CSV with "
-                f"columns {list(XeniumKeys.KEYPOINT_COLUMNS)} ({exc})"
-            ) from exc
+        src, dst = _keypoints(pd.read_csv(path), path)
+        units = keypoint_units if keypoint_units != "auto" else keypoint_units_of(src, dst, pixel_size, he_mpp, path)
+        return _fit_affine(src, dst / pixel_size if units == "um" else dst, path)
+    return _parse_matrix(text, path)
+
+
+def _parse_matrix(text: str, where: Path | str) -> np.ndarray:
+    """A 3x3 affine from CSV text, checked (last row 0 0 1, not singular)."""
+    try:
+        matrix = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.float64)
+    except ValueError as exc:
+        raise InvalidSampleError(
+            f"{where}: expected a 3x3 affine (3 lines of 3 comma-separated numbers) or a keypoints CSV with "
+            f"columns {list(XeniumKeys.KEYPOINT_COLUMNS)} ({exc})"
+        ) from exc
     if matrix.shape != (3, 3) or not np.allclose(matrix[2], [0, 0, 1], atol=1e-6):
-        raise InvalidSampleError(f"{path}: not a 3x3 affine with last row 0, 0, 1: {matrix.tolist()}")
+        raise InvalidSampleError(f"{where}: not a 3x3 affine with last row 0, 0, 1: {matrix.tolist()}")
     if abs(np.linalg.det(matrix[:2, :2])) < 1e-12:
-        raise InvalidSampleError(f"{path}: the affine is singular; re-export the alignment")
+        raise InvalidSampleError(f"{where}: the affine is singular; re-export the alignment")
     return matrix
+
+
+def _keypoints(df: pd.DataFrame, where: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    """(H&E pixels, Xenium side) of a keypoints table, at least 3 of them."""
+    missing = [c for c in XeniumKeys.KEYPOINT_COLUMNS if c not in df.columns]
+    if missing:
+        raise InvalidSampleError(f"{where}: keypoints CSV without columns {missing}")
+    if len(df) < 3:
+        raise InvalidSampleError(f"{where}: an affine needs at least 3 keypoints, found {len(df)}")
+    return df[["alignmentX", "alignmentY"]].to_numpy(np.float64), df[["fixedX", "fixedY"]].to_numpy(np.float64)
+
+
+def _fit_affine(src: np.ndarray, dst: np.ndarray, where: Path | str) -> np.ndarray:
+    """Least-squares affine (3x3) taking ``src`` to ``dst``."""
+    design = np.column_stack([src, np.ones(len(src))])
+    coef, *_ = np.linalg.lstsq(design, dst, rcond=None)
+    matrix = np.vstack([coef.T, [0.0, 0.0, 1.0]])
+    if abs(np.linalg.det(matrix[:2, :2])) < 1e-12:
+        raise InvalidSampleError(f"{where}: the keypoints are collinear (singular affine); place them apart")
+    return matrix
+
+
+def alignment_mpp(matrix: np.ndarray, pixel_size: float) -> float:
+    """The H&E pixel size an H&E -> morphology-pixel affine implies: ``pixel_size x sqrt(|det A|)``."""
+    return pixel_size * float(np.sqrt(abs(np.linalg.det(matrix[:2, :2]))))
+
+
+def keypoint_units_of(src: np.ndarray, dst: np.ndarray, pixel_size: float, he_mpp: float | None,
+                      where: Path | str) -> Literal["um", "px"]:
+    """Whether keypoints' ``fixedX/Y`` are micrometres or morphology pixels, from the pixel size each reading implies.
+
+    Read in the wrong unit, the fitted scale is off by ``pixel_size`` (0.2125), so the H&E pixel size it implies
+    is 4.7x too small or too large. The reading that agrees within 10% with ``he_mpp`` (the image's own or
+    ``--mpp``) wins; without it, the one inside the range of H&E scans (:data:`HE_SCAN_MPP`); else an error.
+    """
+    implied = {units: alignment_mpp(_fit_affine(src, dst / pixel_size if units == "um" else dst, where), pixel_size)
+               for units in ("um", "px")}
+    if he_mpp is not None:
+        fitting = [u for u, v in implied.items() if not differs(v, he_mpp, 0.1)]
+    else:
+        lo, hi = HE_SCAN_MPP
+        fitting = [u for u, v in implied.items() if lo <= v <= hi]
+    if len(fitting) == 1:
+        log.info("%s: fixedX/fixedY read as %s (the H&E would be %.4g um/px; as %s, %.4g)", Path(where).name,
+                 fitting[0], implied[fitting[0]], *[(u, v) for u, v in implied.items() if u != fitting[0]][0])
+        return fitting[0]  # type: ignore[return-value]
+    raise InvalidSampleError(
+        f"{where}: cannot tell whether fixedX/fixedY are micrometres or morphology pixels: as micrometres the H&E "
+        f"would be {implied['um']:.4g} um/px, as pixels {implied['px']:.4g} um/px"
+        + (f", and the H&E's pixel size is {he_mpp:.4g}" if he_mpp is not None else "")
+        + "; give --keypoint-units um or px (or --mpp, the H&E's pixel size)"
+    )
+
+
+def _read_explorer_zip(path: Path, pixel_size: float, keypoint_units: KeypointUnits, he_mpp: float | None) -> np.ndarray:
+    """The matrix of a Xenium Explorer ``*_alignment_files.zip``; its keypoints, when present, must agree with it."""
+    with zipfile.ZipFile(path) as zf:
+        names = [n for n in zf.namelist() if n.lower().endswith(".csv")]
+        matrices = [n for n in names if n.lower().endswith("matrix.csv")]
+        keypoints = [n for n in names if "keypoint" in n.lower()]
+        if not matrices and not keypoints:
+            raise InvalidSampleError(f"{path}: holds no matrix.csv nor keypoints CSV (found {zf.namelist()})")
+        texts = {n: zf.read(n).decode("utf-8-sig") for n in matrices[:1] + keypoints[:1]}
+    if not matrices:
+        src, dst = _keypoints(pd.read_csv(io.StringIO(texts[keypoints[0]])), f"{path}:{keypoints[0]}")
+        units = keypoint_units if keypoint_units != "auto" else \
+            keypoint_units_of(src, dst, pixel_size, he_mpp, f"{path}:{keypoints[0]}")
+        return _fit_affine(src, dst / pixel_size if units == "um" else dst, path)
+    matrix = _parse_matrix(texts[matrices[0]], f"{path}:{matrices[0]}")
+    if keypoints:
+        src, dst = _keypoints(pd.read_csv(io.StringIO(texts[keypoints[0]])), f"{path}:{keypoints[0]}")
+        agree = [u for u in ("um", "px") if _agrees(_fit_affine(src, dst / pixel_size if u == "um" else dst, path),
+                                                    matrix, src)]
+        if agree:
+            log.info("%s: its keypoints agree with its matrix when fixedX/fixedY are read as %s", path.name, agree[0])
+        else:
+            log.warning("%s: its keypoints agree with its matrix in no unit (micrometres or pixels); the matrix is "
+                        "used", path.name)
+    return matrix
+
+
+def _agrees(a: np.ndarray, b: np.ndarray, points: np.ndarray, tolerance_px: float = 2.0) -> bool:
+    """True when two affines place ``points`` within ``tolerance_px`` morphology pixels of each other."""
+    homog = np.column_stack([points, np.ones(len(points))])
+    return bool(np.max(np.abs((a @ homog.T) - (b @ homog.T))) <= tolerance_px)
+
+
+def find_alignment(folder: Path, image_path: Path) -> Path | None:
+    """The H&E alignment file of a Xenium folder (order in the module docstring), or None."""
+    stem = image_path.name.split(".")[0]
+    places = [folder] + ([image_path.parent] if image_path.parent.resolve() != folder.resolve() else [])
+    globs = (f"{stem}alignment.csv", XeniumKeys.ALIGNMENT_GLOB, f"{stem}*matrix.csv", XeniumKeys.EXPLORER_MATRIX_GLOB,
+             XeniumKeys.EXPLORER_ZIP_GLOB, XeniumKeys.KEYPOINTS_GLOB)
+    for pattern in globs:
+        for place in places:
+            found = [p for p in sorted(place.glob(pattern)) if not p.name.startswith(XeniumKeys.NOT_ALIGNMENT)]
+            if found:
+                if len(found) > 1:
+                    log.warning("%s: several alignment files match %s %s; using %s (give --alignment to choose)",
+                                place, pattern, [p.name for p in found], found[0].name)
+                return found[0]
+    return None
+
+
+def check_identity(he_mpp: float | None, source: str, pixel_size: float, image_path: Path) -> None:
+    """Refuse ``alignment="identity"`` when the H&E's physical pixel size is not Xenium's (more than 5% apart)."""
+    if he_mpp is not None and differs(he_mpp, pixel_size):
+        raise InvalidSampleError(
+            f"{image_path.name}: --alignment identity maps one H&E pixel onto one morphology-image pixel "
+            f"({pixel_size:g} um), but the H&E's pixel size is {he_mpp:.4g} um/px ({source}): it is not on the "
+            "morphology image's pixel grid; align it in Xenium Explorer and give the exported file with --alignment"
+        )
 
 
 def read_feature_matrix(path: str | os.PathLike) -> tuple[sp.csr_matrix, list[str], pd.DataFrame]:
@@ -136,6 +263,18 @@ def read_feature_matrix(path: str | os.PathLike) -> tuple[sp.csr_matrix, list[st
             "matrix/{data,indices,indptr,shape,barcodes,features/{id,name,feature_type}}"
         ) from exc
     return mat.T.tocsr(), barcodes, table
+
+
+def gene_features(features: pd.DataFrame, where: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Feature names and a mask of the genes among them: ``feature_type == "Gene Expression"`` (when the table has
+    types) and not a control (:func:`gcmoe.data.readers.transcripts.is_control_feature`); an error when none is."""
+    names = features["name"].astype(str).to_numpy() if "name" in features else features["id"].astype(str).to_numpy()
+    is_gene = np.array([not is_control_feature(n) for n in names])
+    if "feature_type" in features:
+        is_gene &= features["feature_type"].astype(str).to_numpy() == XeniumKeys.GENE_EXPRESSION
+    if not is_gene.any():
+        raise InvalidSampleError(f"{where}: no Gene Expression feature left after dropping controls")
+    return names, is_gene
 
 
 def _open_text(path: Path):
@@ -172,7 +311,7 @@ def read_xenium(
     alignment: str | os.PathLike | None = None,
     mpp: float | None = None,
     sample_id: str | None = None,
-    keypoint_units: Literal["um", "px"] = "um",
+    keypoint_units: KeypointUnits = "auto",
 ) -> Sample:
     """Read a Xenium output folder and its registered H&E as a Sample (files in the module docstring).
 
@@ -183,11 +322,14 @@ def read_xenium(
     image
         The H&E image; default: the folder's ``*he_image.ome.tif``.
     alignment
-        The H&E -> morphology affine CSV or keypoints CSV; default: the folder's ``*he_imagealignment.csv``
-        (then ``*keypoints*.csv``). Without one, the H&E is taken to be registered to the morphology image
-        pixel for pixel (a warning says so).
+        The H&E -> morphology alignment: a matrix CSV, a Xenium Explorer ``*_alignment_files.zip`` or keypoints
+        CSV; default: found in the folder (:func:`find_alignment`). ``"identity"``: the H&E is the morphology
+        image's pixel grid (refused when the H&E states another pixel size). Neither given nor found: an error.
     mpp
         Overrides the H&E pixel size derived from the alignment.
+    keypoint_units
+        Unit of a keypoints CSV's ``fixedX``/``fixedY``: ``um``, ``px`` (morphology pixels) or ``auto``
+        (:func:`keypoint_units_of`).
 
     Returns
     -------
@@ -232,12 +374,7 @@ def read_xenium(
                 "read: export the .h5 or MEX matrix"
             )
     counts, barcodes, features = read_feature_matrix(matrix_path)
-    names = features["name"].astype(str).to_numpy() if "name" in features else features["id"].astype(str).to_numpy()
-    is_gene = np.array([not is_control_feature(n) for n in names])
-    if "feature_type" in features:
-        is_gene &= features["feature_type"].astype(str).to_numpy() == XeniumKeys.GENE_EXPRESSION
-    if not is_gene.any():
-        raise InvalidSampleError(f"{matrix_path}: no Gene Expression feature left after dropping controls")
+    names, is_gene = gene_features(features, matrix_path)
 
     # cross-check the cell ids of the two files and put the matrix in cells.parquet's order
     pos = pd.Index(barcodes)
@@ -264,27 +401,32 @@ def read_xenium(
             f"{folder}: no H&E image found (*he_image.ome.tif); give it with --image (and its alignment CSV)"
         )
     slide = open_image(image_path)
+    stated = image_mpp(image_path)
+    mpp_image = stated[0] if stated is not None and plausible_mpp(stated[0]) else None
+    if stated is not None and mpp_image is None:
+        log.warning("%s: %s gives %.4g um/px, implausible for an H&E image; ignored", image_path.name, stated[1], stated[0])
+    he_mpp, he_source = (mpp, "--mpp") if mpp is not None else (mpp_image, stated[1] if mpp_image else "")
     if alignment is None:
-        stem = image_path.name.split(".")[0]
-        candidates = sorted(folder.glob(f"{stem}alignment.csv")) + sorted(folder.glob(XeniumKeys.ALIGNMENT_GLOB)) \
-            + sorted(image_path.parent.glob(XeniumKeys.ALIGNMENT_GLOB)) + sorted(folder.glob(XeniumKeys.KEYPOINTS_GLOB))
-        alignment = candidates[0] if candidates else None
-    if alignment is None:
-        log.warning("%s: no H&E alignment file; the H&E is taken to be registered to the morphology image "
-                    "(1 H&E px = 1 morphology px = %g um)", folder, pixel_size)
-        matrix = np.eye(3)
+        alignment = find_alignment(folder, image_path)
+        if alignment is None:
+            raise InvalidSampleError(
+                f"{folder}: no alignment of the H&E {image_path.name} to the Xenium data found (looked for 10x's "
+                "*he_imagealignment.csv and Xenium Explorer's *_matrix.csv, *_alignment_files.zip, *keypoints*.csv); "
+                "give it with --alignment FILE, or --alignment identity if the H&E is the morphology image's pixel grid"
+            )
+    if str(alignment) == XeniumKeys.IDENTITY:
+        check_identity(he_mpp, he_source, pixel_size, image_path)
+        log.warning("%s: --alignment identity: the H&E is taken as the morphology image's pixel grid "
+                    "(1 H&E px = 1 morphology px = %g um)", image_path.name, pixel_size)
+        matrix, alignment = np.eye(3), XeniumKeys.IDENTITY
     else:
-        matrix = read_alignment(alignment, pixel_size, keypoint_units)
+        matrix = read_alignment(alignment, pixel_size, keypoint_units, he_mpp)
 
     um = cells[[XeniumKeys.CELL_X, XeniumKeys.CELL_Y]].to_numpy(dtype=np.float64)
     morph = np.column_stack([um / pixel_size, np.ones(len(um))])
     he_xy = (np.linalg.inv(matrix) @ morph.T).T[:, :2]
 
-    mpp_alignment = pixel_size * float(np.sqrt(abs(np.linalg.det(matrix[:2, :2]))))
-    stated = image_mpp(image_path)
-    mpp_image = stated[0] if stated is not None and plausible_mpp(stated[0]) else None
-    if stated is not None and mpp_image is None:
-        log.warning("%s: %s gives %.4g um/px, implausible for an H&E image; ignored", image_path.name, stated[1], stated[0])
+    mpp_alignment = alignment_mpp(matrix, pixel_size)
     if differs(mpp_alignment, mpp_image, 0.1):
         log.warning("%s: the H&E pixel size from the alignment (%.4f um) and from the image's tags (%.4f um) "
                     "differ; using the alignment's (give --mpp to override)", image_path.name, mpp_alignment, mpp_image)
