@@ -41,3 +41,21 @@ def test_damaged_weights_are_detected(tmp_path):
     (tmp_path / "m" / "model.json").unlink()
     with pytest.raises(CheckpointError, match="missing"):
         load_model(tmp_path / "m")
+
+
+def test_model_saved_with_an_old_default_says_which_setting(tmp_path):
+    """A GC-MoE saved with per-expert C2CA blocks (the old default, absent from its params) is refused with the
+    setting to add; with that setting in model.json it loads."""
+    import json
+
+    adjacency = torch.zeros(4, 6, 6)
+    old = create_model("gcmoe", 8, 6, adjacency=adjacency, c2ca_shared=False)
+    save_model(old, tmp_path / "m", "gcmoe", {"adjacency": adjacency}, {})
+    with pytest.raises(CheckpointError, match="c2ca_shared"):
+        load_model(tmp_path / "m")
+    meta_path = tmp_path / "m" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["params"]["c2ca_shared"] = False
+    meta_path.write_text(json.dumps(meta))
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.attention.key.shape[0] == 4

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gcmoe import __version__
 from gcmoe.errors import GcmoeError
 from gcmoe.files import atomic_path, file_sha256, write_text
 from gcmoe.models import create_model, get_model_entry
@@ -89,7 +90,11 @@ def load_model(folder: str | os.PathLike, device: str = "cpu") -> tuple[torch.nn
         state = load_file(str(weights), device="cpu")
         model.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError) as exc:
-        raise CheckpointError(f"{weights} cannot be loaded into {meta['model']} ({exc})") from exc
+        raise CheckpointError(
+            f"{weights} cannot be loaded into {meta['model']} as this gcmoe ({__version__}) builds it; the folder was "
+            f"written by gcmoe {meta.get('gcmoe_version', '?')}. A model saved before a default changed needs that "
+            "setting in model.json's params (GC-MoE saved with one C2CA block per expert: \"c2ca_shared\": false), "
+            f"or retraining ({exc})") from exc
     return model.to(device).eval(), meta
 
 

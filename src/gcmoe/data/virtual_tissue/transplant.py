@@ -16,6 +16,7 @@ noise-free expression is unknown); oracles from the true types measure what is r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -107,8 +108,7 @@ def transplant_expression(config: TissueConfig, real: AnnData, type_key: str = K
         rows = np.flatnonzero(real_types == t)
         is_ref[rng.choice(rows, size=int(round(reference_fraction * rows.size)), replace=False)] = True
 
-    cfg = TissueConfig(**{**config.__dict__, "n_cell_types": 9})
-    tissue = simulate_tissue(cfg)
+    tissue = simulate_tissue(dataclasses.replace(config, n_cell_types=9))
     subtype = np.asarray(tissue.truth.cell_subtype, dtype=str)
     missing = sorted(set(subtype) - set(subtype_map))
     if missing:
