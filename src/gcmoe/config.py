@@ -115,6 +115,7 @@ class DataConfig:
     reference: str | None = None  # labelled reference scRNA-seq .h5ad (CAP priors, label transfer); virtual: generated
     routing_labels: Literal["auto", "obs", "transfer"] = "auto"  # auto: obs["cell_type"] when every sample has it
     name: str | None = None  # dataset name in the tables; None = derived from the source
+    qc: bool = True  # samples: check each slide's registration and pixel size first (gcmoe qc) and stop on a failure
 
 
 @dataclass

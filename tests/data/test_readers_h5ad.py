@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -19,8 +18,6 @@ from gcmoe.data.readers import detect_format, read_h5ad, read_polygons, read_sam
 from gcmoe.data.readers.polygons import PolygonIndex, Polygons, wkb_exterior
 from gcmoe.errors import ImageReadError, InvalidSampleError
 
-# real data beside the project (../shared/realdata from its root); GCMOE_REALDATA overrides
-REALDATA = Path(os.environ.get("GCMOE_REALDATA", Path(__file__).resolve().parents[2].parent / "shared" / "realdata"))
 
 
 def _anndata_pair(tmp_path: Path, n: int = 30, types=("T cell", "B cell", "Fibroblast", "Tumour", "Endo")):
@@ -155,30 +152,6 @@ def test_h5ad_with_a_png_image(tmp_path):
     assert s.mpp == 0.5 and s.image.shape == (100, 150)
     back = Sample.read(s.write(tmp_path / "sample.h5ad"))
     assert back.image.path == (tmp_path / "he.png").resolve() and back.image.shape == (100, 150)
-
-
-@pytest.mark.skipif(not REALDATA.is_dir(), reason=f"no real data under {REALDATA} (set GCMOE_REALDATA)")
-def test_real_data_folders_read():
-    """Every folder of the real-data area that a reader recognises reads into a valid Sample."""
-    read_any = 0
-    for path in sorted(REALDATA.iterdir()):
-        try:
-            fmt = detect_format(path)
-        except InvalidSampleError:
-            continue
-        if fmt == "hest":
-            from gcmoe.data.readers import list_hest_samples
-
-            samples = [read_sample(path, "hest", sample_id=sid, progress=False) for sid in list_hest_samples(path)[:1]]
-        elif fmt == "h5ad":
-            continue  # needs an image path
-        else:
-            samples = [read_sample(path, fmt)]
-        for s in samples:
-            assert s.n_cells > 0 and len(s.genes) > 0
-            read_any += 1
-    if not read_any:
-        pytest.skip(f"{REALDATA} holds no folder in a supported layout")
 
 
 @pytest.mark.slow
@@ -320,3 +293,19 @@ def test_cv_on_the_real_xenium_crop(realdata, tmp_path):
     assert result.exit_code == 0, result.output
     (d,) = json.loads((tmp_path / "run" / "results.json").read_text())["datasets"].values()
     assert d["n_cells"] == 200 and np.isfinite(d["models"]["ST-Net*"]["mean"])
+    qc = json.loads((tmp_path / "run" / "qc" / "NCBI858.json").read_text())  # the slide check ran first
+    verdicts = {c["name"]: c["verdict"] for c in qc["checks"]}
+    assert verdicts["cells on nuclei"] == "skipped" and verdicts["spacing"] == "warn"  # 2.1 um/px; 200 cells, 75 um apart
+
+
+def test_an_option_the_reader_does_not_use_is_refused(tmp_path, tiny_sample):
+    """--coords / --xy-columns / --mpp given for a layout that does not use them: an error, not silence."""
+    path = tiny_sample.write(tmp_path / "tiny.h5ad")
+    with pytest.raises(InvalidSampleError, match=r"read as 'sample', whose reader does not use coords='um'.*drop the"):
+        read_sample(path, "auto", coords="um")
+    with pytest.raises(InvalidSampleError, match=r"does not use mpp=0.25 \(a Sample file carries its image"):
+        read_sample(path, "auto", mpp=0.25)
+    with pytest.raises(InvalidSampleError, match=r"does not use xy_columns=\['a', 'b'\]"):
+        read_sample(path, "auto", xy_columns=["a", "b"])
+    # the run settings pass every option at its default: those are dropped quietly
+    assert read_sample(path, "auto", coords="auto", xy_columns=None, min_qv=20.0, segmentation="cell").n_cells == 40

@@ -61,6 +61,7 @@ XyColumnsOpt = Annotated[Optional[str], typer.Option("--xy-columns", help="h5ad:
 AlignmentOpt = Annotated[Optional[str], typer.Option("--alignment", help="xenium: the H&E alignment (10x *_he_imagealignment.csv, Xenium Explorer *_matrix.csv, *_alignment_files.zip or keypoints CSV), or identity if the H&E is the morphology image's pixel grid; default: found in the folder.")]
 KeypointUnitsOpt = Annotated[Optional[str], typer.Option("--keypoint-units", help="xenium: unit of a keypoints CSV's fixedX/fixedY: um, px (morphology pixels) or auto (from the pixel sizes each implies).")]
 SegmentationOpt = Annotated[Optional[str], typer.Option("--segmentation", help="HEST: which polygons make the cells: cell or nucleus (10x's, xenium_seg/), cellvit (CellViT's nuclei on the H&E, cellvit_seg/) or none; Visium HD: cell or nucleus (the centres).")]
+NoQcOpt = Annotated[bool, typer.Option("--no-qc", help="Skip the slide check (registration, pixel size: gcmoe qc) that otherwise stops the run on a failure.")]
 StreamOpt = Annotated[bool, typer.Option("--stream", help="Train from an on-disk cell store in shuffled chunks (flat memory; ST-Net* and GC-MoE models): docs/scale.md.")]
 
 
@@ -68,7 +69,8 @@ def run_config_from(config: Path | None, data: list[Path] | None, reference: Pat
                 models: str | None = None, *, fmt: str | None = None, sample_ids: list[str] | None = None,
                 image: Path | None = None, mpp: float | None = None, cell_type_key: str | None = None,
                 stream: bool = False, coords: str | None = None, xy_columns: str | None = None,
-                alignment: str | None = None, keypoint_units: str | None = None, segmentation: str | None = None):
+                alignment: str | None = None, keypoint_units: str | None = None, segmentation: str | None = None,
+                no_qc: bool = False):
     """Settings from the YAML file (or the defaults), overridden by the command-line flags."""
     from gcmoe.config import RunConfig, from_dict, load_config, to_dict
 
@@ -91,6 +93,8 @@ def run_config_from(config: Path | None, data: list[Path] | None, reference: Pat
         run_config.out = str(out)
     if stream:
         run_config.train.stream = True
+    if no_qc:
+        run_config.data.qc = False
     return run_config
 
 

@@ -1,4 +1,4 @@
-"""Commands that prepare data: ``simulate``, ``convert``, ``extract`` and ``prior``.
+"""Commands that prepare data: ``simulate``, ``convert``, ``qc``, ``extract`` and ``prior``.
 
 Defaults come from the settings dataclasses (gcmoe.config), so a command and a YAML file agree.
 """
@@ -18,6 +18,7 @@ from gcmoe.cli._app import (
     ImageOpt,
     KeypointUnitsOpt,
     MppOpt,
+    SampleIdOpt,
     SegmentationOpt,
     XyColumnsOpt,
     app,
@@ -133,6 +134,59 @@ def convert(
         fail(exc)
     typer.echo(f"wrote {path}: sample {sample.sample_id}, {sample.n_cells} cells x {len(sample.genes)} genes, "
                f"mpp {sample.mpp:.4f}, image {sample.image.path}")
+
+
+@app.command()
+def qc(
+    data: Annotated[Path, typer.Argument(help="A slide in any layout of docs/data.md (Sample .h5ad, AnnData + --image, Xenium folder, HEST root, ...).")],
+    out: Annotated[Path, typer.Option(help="Folder for <sample_id>.json, .md and the overlay .png/.svg.")] = Path("qc"),
+    fmt: FormatOpt = None,
+    sample_id: SampleIdOpt = None,
+    image: ImageOpt = None,
+    mpp: MppOpt = None,
+    cell_type_key: CellTypeKeyOpt = None,
+    coords: CoordsOpt = None,
+    xy_columns: XyColumnsOpt = None,
+    alignment: AlignmentOpt = None,
+    keypoint_units: KeypointUnitsOpt = None,
+    segmentation: SegmentationOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Check a slide's registration and pixel size: cell centres against the nuclei on its H&E (exit 1 on a failure)."""
+    setup_logging(verbose)
+    from rich.console import Console
+    from rich.table import Table
+
+    from gcmoe.data.qc import check_slide
+    from gcmoe.data.readers import read_samples
+    from gcmoe.pipeline.qc import write_qc
+
+    colour = {"pass": "green", "warn": "yellow", "fail": "red", "skipped": "dim"}
+    console, failed = Console(), []
+    try:
+        samples = read_samples([data], fmt or "auto", sample_id, image=image, mpp=mpp, cell_type_key=cell_type_key,
+                               coords=coords or DataConfig.coords, xy_columns=split_names(xy_columns),
+                               alignment=alignment, keypoint_units=keypoint_units or DataConfig.keypoint_units,
+                               segmentation=segmentation or DataConfig.segmentation)
+        for sample in samples:
+            report = check_slide(sample)
+            written = write_qc(report, sample, out)
+            table = Table(title=f"QC of {sample.sample_id}: [{colour[report.verdict]}]{report.verdict}[/]")
+            for column in ("check", "verdict", "value", "what it means"):
+                table.add_column(column)
+            for c in report.checks:
+                table.add_row(c.name, f"[{colour[c.verdict]}]{c.verdict}[/]", "–" if c.value is None else f"{c.value:.4g}",
+                              c.detail)
+            console.print(table)
+            console.print(f"overlay and report: {', '.join(str(p) for p in written)}")
+            if report.verdict == "fail":
+                failed.append(sample.sample_id)
+    except GcmoeError as exc:
+        fail(exc)
+    if failed:
+        typer.secho(f"QC failed for {', '.join(failed)}: fix what the failed checks name (gcmoe cv and train stop on "
+                    "this unless given --no-qc)", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1)
 
 
 @app.command()

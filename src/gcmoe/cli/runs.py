@@ -15,6 +15,7 @@ from gcmoe.cli._app import (
     ImageOpt,
     KeypointUnitsOpt,
     MppOpt,
+    NoQcOpt,
     SampleIdOpt,
     SegmentationOpt,
     StreamOpt,
@@ -68,6 +69,7 @@ def cv(
     segmentation: SegmentationOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Reuse the finished (model, fold) pairs and training checkpoints in OUT.")] = False,
     stream: StreamOpt = False,
+    no_qc: NoQcOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Cross-validated comparison of models on a virtual tissue or on Samples; writes results.md/json."""
@@ -78,7 +80,7 @@ def cv(
         run_config = run_config_from(config, data, reference, out, models, fmt=fmt, sample_ids=sample_id, image=image,
                                      mpp=mpp, cell_type_key=cell_type_key, stream=stream, coords=coords,
                                      xy_columns=xy_columns, alignment=alignment, keypoint_units=keypoint_units,
-                                     segmentation=segmentation)
+                                     segmentation=segmentation, no_qc=no_qc)
         results = run_cv(run_config, resume=resume)
     except GcmoeError as exc:
         fail(exc)
@@ -104,6 +106,7 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Output folder; the model goes to OUT/model.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUT/checkpoints.")] = False,
     stream: StreamOpt = False,
+    no_qc: NoQcOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train one model on all cells (early stopping on spatial validation blocks) and save its model folder."""
@@ -114,7 +117,8 @@ def train(
     try:
         run_config = run_config_from(config, data, reference, out, fmt=fmt, sample_ids=sample_id, image=image, mpp=mpp,
                                      cell_type_key=cell_type_key, stream=stream, coords=coords, xy_columns=xy_columns,
-                                     alignment=alignment, keypoint_units=keypoint_units, segmentation=segmentation)
+                                     alignment=alignment, keypoint_units=keypoint_units, segmentation=segmentation,
+                                     no_qc=no_qc)
         run_config.train.device = init_from_env(run_config.train.device)  # under torchrun: join the group
         folder = train_model(run_config, model, resume=resume)
     except GcmoeError as exc:

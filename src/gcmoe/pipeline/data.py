@@ -86,6 +86,11 @@ def load_samples(config: RunConfig, out: Path) -> tuple[list[Sample], Any, str]:
     ids = [s.sample_id for s in samples]
     if len(set(ids)) != len(ids):
         raise InvalidSampleError(f"sample ids must be unique across the run, got {ids}")
+    if d.qc:
+        from gcmoe.pipeline.qc import qc_samples
+        from gcmoe.training.distributed import is_main_process
+
+        qc_samples(samples, out / "qc" if is_main_process() else None)
     reference = None
     if config.data.reference:
         path = Path(config.data.reference)

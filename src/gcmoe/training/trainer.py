@@ -96,6 +96,22 @@ def _to(t: Tensor, device: torch.device) -> Tensor:
     return t
 
 
+_START_THREADS = torch.get_num_threads()
+
+
+def default_threads() -> int:
+    """torch's CPU threads when none are set: ``OMP_NUM_THREADS`` if given, else torch's count at import.
+
+    Set again at every fit because numba's OpenMP layer, which scanpy's ``highly_variable_genes`` starts, resets
+    the process's shared OpenMP thread count to numba's (all cores): with ``OMP_NUM_THREADS=1`` torch then ran
+    on two threads, and two such processes on two cores trained up to 10x slower.
+    """
+    try:
+        return max(int(os.environ["OMP_NUM_THREADS"]), 1)
+    except (KeyError, ValueError):
+        return _START_THREADS
+
+
 def fit(
     model: CellModel,
     data: CellSource,
@@ -117,8 +133,7 @@ def fit(
     """
     if len(train_idx) < 2 or len(val_idx) < 2:
         raise ValueError(f"need at least 2 training and 2 validation cells, got {len(train_idx)} and {len(val_idx)}")
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    torch.set_num_threads(config.num_threads or default_threads())
     seed_everything(config.seed)
     device = torch.device(config.device)
     model.to(device)

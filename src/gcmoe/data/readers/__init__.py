@@ -127,7 +127,18 @@ def read_sample(
     unknown = set(options) - set().union(*accepted.values())
     if unknown:
         raise InvalidSampleError(f"unknown reader option(s) {sorted(unknown)}")
-    # options meant for another format (e.g. min_qv with a Sample file) are not this reader's concern
+    # an option another reader takes is dropped at its default (the run settings pass all of them), refused otherwise
+    defaults = {k: p.default for f in readers.values() for k, p in inspect.signature(f).parameters.items()}
+    given = {k: v for k, v in options.items() if k not in accepted.get(fmt, set()) and v is not None and v != defaults[k]}
+    if fmt in ("sample", "hest"):  # they find their own image; a Sample file also carries its pixel size
+        given |= {k: v for k, v in (("image", image), ("mpp", mpp if fmt == "sample" else None)) if v is not None}
+    if given:
+        takes = sorted(accepted.get(fmt, set()) - {"path", "folder", "root", "source", "sample_id", "progress"})
+        raise InvalidSampleError(
+            f"{path} is read as {fmt!r}, whose reader does not use {', '.join(f'{k}={v!r}' for k, v in given.items())}"
+            + (f" (it takes {', '.join(takes)})" if takes else " (a Sample file carries its image and pixel size)")
+            + "; drop the option, or give --format if the layout was detected wrongly"
+        )
     options = {k: v for k, v in options.items() if k in accepted.get(fmt, set())}
     if fmt == "sample":
         sample = Sample.read(path)
