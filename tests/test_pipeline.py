@@ -52,6 +52,7 @@ def test_gcmoe_without_reference_is_explained(tmp_path, tiny_sample):
     cfg = RunConfig(out=str(tmp_path / "out"), models=["gcmoe"])
     cfg.data.source = "samples"
     cfg.data.samples = [str(path)]
+    cfg.data.qc = False  # a flat pink image without nuclei
     with pytest.raises(ConfigError, match="reference"):
         run_cv(cfg, progress=False)
 

@@ -104,11 +104,18 @@ def predict_slide(
     # a raw-pixel model (GHIST*) reads the slide at its own working pixel size and uses no encoder features
     target_mpp = float(geometry.pixels.mpp) if inputs.pixels else float(meta["encoder"]["target_mpp"])
     factor = mpp / target_mpp
-    if not 1 / MAX_RESAMPLING <= factor <= MAX_RESAMPLING:
+    trained_at = [float(v) for v in (meta.get("training_data") or {}).get("mpp", {}).values()]
+    like_training = any(abs(mpp / t - 1) <= 0.25 for t in trained_at)
+    if like_training and not 1 / MAX_RESAMPLING <= factor <= MAX_RESAMPLING:
+        log.warning("the slide's pixel size (%g um/px) is %.2fx the encoder's (%g um/px), as the model's training "
+                    "slides were (%s um/px): predicting as it was trained", mpp, factor, target_mpp,
+                    ", ".join(f"{t:g}" for t in trained_at))
+    elif not 1 / MAX_RESAMPLING <= factor <= MAX_RESAMPLING:
         raise InvalidSampleError(
             f"the slide's pixel size ({mpp} um/px) is {factor:.2f}x the model encoder's ({target_mpp} um/px); "
             f"resampling by more than {MAX_RESAMPLING:g}x would invent or discard the detail the model was trained "
-            "on: scan or export the slide at a closer magnification (or check --mpp)"
+            "on: scan or export the slide at a closer magnification (or check --mpp); a model trained on slides of "
+            "this pixel size predicts on them"
         )
     if detect:
         xy = detect_nuclei(image, mpp, progress=progress)

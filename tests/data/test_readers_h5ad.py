@@ -296,6 +296,16 @@ def test_cv_on_the_real_xenium_crop(realdata, tmp_path):
     qc = json.loads((tmp_path / "run" / "qc" / "NCBI858.json").read_text())  # the slide check ran first
     verdicts = {c["name"]: c["verdict"] for c in qc["checks"]}
     assert verdicts["cells on nuclei"] == "skipped" and verdicts["spacing"] == "warn"  # 2.1 um/px; 200 cells, 75 um apart
+    # the model cv saved was trained at 2.1 um/px: predict takes a slide like its training slides (a model trained
+    # at the encoder's 0.5 um/px refuses it: tests/test_inference_images.py)
+    cells = anndata.read_h5ad(folder / "NCBI858.h5ad").obs
+    pd.DataFrame({"x": cells["y_pixel"], "y": cells["x_pixel"]}).to_csv(tmp_path / "cells.csv", index=False)
+    result = CliRunner().invoke(app, [
+        "predict", "--model", str(tmp_path / "run" / "models" / "stnet"), "--slide", str(folder / "NCBI858.jpg"),
+        "--mpp", "2.125", "--cells", str(tmp_path / "cells.csv"), "--out", str(tmp_path / "lung.h5ad")])
+    assert result.exit_code == 0, result.output
+    predicted = anndata.read_h5ad(tmp_path / "lung.h5ad")
+    assert predicted.n_obs == 200 and np.isfinite(predicted.X).all()
 
 
 def test_an_option_the_reader_does_not_use_is_refused(tmp_path, tiny_sample):

@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 def model_card(entry: ModelEntry, genes: list[str], run: RunData, config: RunConfig, training_data: dict[str, Any],
                res: FitResult) -> dict[str, Any]:
     """The card saved with a trained model (``gcmoe.training.checkpoint.save_model``'s metadata): genes,
-    routing types, encoder and its pixel size, neighbour and target settings, training data, validation
-    metrics, version and time."""
+    routing types, encoder and its pixel size, neighbour and target settings, training data (with each slide's
+    pixel size), validation metrics, version and time."""
     from gcmoe.config import to_dict
 
     return {
@@ -41,7 +41,7 @@ def model_card(entry: ModelEntry, genes: list[str], run: RunData, config: RunCon
         "encoder": _encoder_card(config.features.encoder, config.features.weights, run.pooled.feature_dim),
         "neighbours": to_dict(config.neighbours) if entry.inputs.neighbours else None,
         "targets": to_dict(config.targets) | {"genes": list(genes)},
-        "training_data": training_data,
+        "training_data": training_data | {"mpp": {s.sample_id: s.mpp for s in run.pooled.samples}},
         "metrics": {"val_pcc": res.best_val_pcc, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run},
         "gcmoe_version": __version__,
         "created": now(),
