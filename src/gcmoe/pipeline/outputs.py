@@ -17,7 +17,7 @@ import numpy as np
 from gcmoe import __version__
 from gcmoe._constants import Key
 from gcmoe.config import RunConfig
-from gcmoe.files import atomic_path, write_h5ad, write_json, write_text
+from gcmoe.files import atomic_path, claim_file, write_h5ad, write_json, write_text
 
 if TYPE_CHECKING:
     from gcmoe.models.registry import ModelEntry
@@ -181,6 +181,7 @@ def plain_params(params: dict[str, Any]) -> dict[str, Any]:
 
 def attach_log_file(path: Path) -> logging.Handler:
     """Log the package's INFO messages to ``path`` too (the run's log.txt); remove the handler when done."""
+    claim_file(path)  # a log.txt gcmoe did not write is not appended to
     handler = logging.FileHandler(path, mode="a")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
