@@ -32,3 +32,7 @@ class FeatureCacheError(GcmoeError, OSError):
 
 class OutputExistsError(GcmoeError, FileExistsError):
     """An output path is taken by something gcmoe did not write (or by a file where a folder is needed)."""
+
+
+class TrainingError(GcmoeError, RuntimeError):
+    """Training cannot go on: too few cells, or a loss, statistic or score that is not finite."""

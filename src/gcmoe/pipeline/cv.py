@@ -169,7 +169,8 @@ def _train_fold(entry: ModelEntry, k: int, fold: Fold, n_folds: int, genes: list
     checkpoints = out / "checkpoints" / entry.name / fold.name
     res = fit(model, data, run.rows(fold.train), run.rows(fold.val), fold_config, progress=progress,
               description=f"{entry.display_name} {fold.name} ({k + 1}/{n_folds})",
-              checkpoint_dir=checkpoints, resume=resume, fingerprint={"model": entry.name, "genes": ",".join(genes)})
+              checkpoint_dir=checkpoints, resume=resume,
+              fingerprint={"model": entry.name, "genes": ",".join(genes), "params": fingerprint["params"]})
     pred = predict(model, data, run.rows(fold.test))
     pi = None
     if model.routes and run.routing is not None:
