@@ -408,3 +408,22 @@ def test_sample_id_advice_fits_the_input(made, tmp_path):
     adata.write_h5ad(tmp_path / "bad_id.h5ad")
     _clear(_convert(tmp_path / "bad_id.h5ad", tmp_path / "o.h5ad", "--format", "sample"),
            "uns['gcmoe']['sample_id']", "rename the slide file")
+
+
+@pytest.mark.slow
+def test_resume_after_editing_model_params_is_refused(tmp_path, monkeypatch):
+    import gcmoe.pipeline.cv as cv
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(TINY_RUN + "model_params: {stnet: {hidden: 32}}\n")
+    out = tmp_path / "run"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("power cut")
+
+    with monkeypatch.context() as m:  # the first fold's training finishes, then the run dies: its checkpoint stays
+        m.setattr(cv, "save_fold_model", crash)
+        assert _cv(out, cfg).exit_code == 1
+    assert list((out / "checkpoints").rglob("state.json"))
+    cfg.write_text(TINY_RUN + "model_params: {stnet: {hidden: 64}}\n")
+    _clear(_cv(out, cfg, "--resume"), "cannot resume", "params")

@@ -117,7 +117,7 @@ def test_h5ad_reader_gives_a_sample_or_a_clear_error(folder, slide, n, counts, x
         obs["cell_type"] = rng.choice(["a", "b"], n)
     adata = anndata.AnnData(X=x, obs=obs)
     adata.var_names = ["g0", "g1", "g2"]
-    centres = rng.uniform(10, 110, (n, 2)) + np.arange(n)[:, None] * 0.01 * 0
+    centres = rng.uniform(10, 110, (n, 2))
     centres = {"ok": centres, "nan": np.where(np.arange(n)[:, None] == 0, np.nan, centres),
                "outside": centres * 100, "strings": centres.astype(str), "one_column": centres[:, :1]}[xy]
     adata.obsm["spatial"] = centres
@@ -142,7 +142,7 @@ def model_folder(folder) -> Path:
 
     torch.manual_seed(0)
     path = folder / "model"
-    save_model(create_model("stnet", 8, 4), path, "stnet", {"hidden": 16} if False else {},
+    save_model(create_model("stnet", 8, 4), path, "stnet", {},
                {"genes": ["g0", "g1", "g2", "g3"], "cell_types": []})
     return path
 
