@@ -120,7 +120,7 @@ def predict_slide(
     from gcmoe.features.neighbours import window_neighbours
     from gcmoe.models import get_model_entry
     from gcmoe.pipeline.inputs import cell_data
-    from gcmoe.training.checkpoint import load_model
+    from gcmoe.training.checkpoint import CheckpointError, load_model
     from gcmoe.training.trainer import collect, predict
 
     out = Path(out)
@@ -129,6 +129,9 @@ def predict_slide(
     if (cells is None) == (not detect):
         raise InvalidSampleError("give exactly one source of cells: a cell file (--cells) or --detect")
     model, meta = load_model(model_dir, device=device)
+    if not meta.get("genes") or not isinstance(meta.get("encoder"), dict) and not get_model_entry(meta["model"]).inputs.pixels:
+        raise CheckpointError(f"{Path(model_dir) / 'model.json'} names no genes or no encoder: prediction needs both to "
+                              "label its outputs and extract the features; use a model folder written by gcmoe train")
     image = open_image(slide)
     mpp, _ = resolve_image_mpp(slide, mpp, Path(slide).stem)
     inputs = get_model_entry(meta["model"]).inputs
