@@ -427,3 +427,19 @@ def test_resume_after_editing_model_params_is_refused(tmp_path, monkeypatch):
     assert list((out / "checkpoints").rglob("state.json"))
     cfg.write_text(TINY_RUN + "model_params: {stnet: {hidden: 64}}\n")
     _clear(_cv(out, cfg, "--resume"), "cannot resume", "params")
+
+
+@pytest.mark.slow
+def test_train_resumes_and_reruns_in_its_own_folder(made, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(made / "run", run)  # the manifest lists paths relative to the folder: a copy stays gcmoe's
+    (run / "checkpoints" / "mine.txt").write_text("mine\n")
+    args = ["train", "--config", str(made / "train.yaml"), "--model", "stnet", "--data",
+            str(made / "tissue" / "virtual_tissue.h5ad"), "--out", str(run), "--no-qc"]
+    for extra in (["--resume"], []):
+        result = runner.invoke(app, [*args, *extra])
+        assert result.exit_code == 0, result.output
+    assert (run / "checkpoints" / "mine.txt").read_text() == "mine\n"
+    assert "model/model.json" in json.loads((run / MANIFEST_NAME).read_text())["files"]
