@@ -101,8 +101,9 @@ counts_values = st.sampled_from([0.0, 1.0, 3.0, 2.5, -1.0, float("nan"), float("
 @given(n=st.integers(0, 12), counts=st.lists(counts_values, min_size=1, max_size=4),
        xy=st.sampled_from(["ok", "nan", "outside", "strings", "one_column"]),
        mpp=st.sampled_from([0.5, "abc", -1.0, 0.0, None, "0.5"]),
-       cell_type=st.booleans(), duplicate=st.booleans())
-def test_h5ad_reader_gives_a_sample_or_a_clear_error(folder, slide, n, counts, xy, mpp, cell_type, duplicate):
+       cell_type=st.booleans(), duplicate=st.booleans(), sample_id=st.sampled_from(["s1", ".hidden", "a/b", ""]))
+def test_h5ad_reader_gives_a_sample_or_a_clear_error(folder, slide, n, counts, xy, mpp, cell_type, duplicate,
+                                                     sample_id):
     import anndata
     import pandas as pd
 
@@ -121,16 +122,20 @@ def test_h5ad_reader_gives_a_sample_or_a_clear_error(folder, slide, n, counts, x
     centres = {"ok": centres, "nan": np.where(np.arange(n)[:, None] == 0, np.nan, centres),
                "outside": centres * 100, "strings": centres.astype(str), "one_column": centres[:, :1]}[xy]
     adata.obsm["spatial"] = centres
-    if mpp is not None:
-        adata.uns["gcmoe"] = {"mpp": mpp}
+    adata.layers["counts"] = x.copy()
+    adata.uns["gcmoe"] = {"sample_id": sample_id, "image_path": str(slide)} | ({} if mpp is None else {"mpp": mpp})
     path = _fresh(folder, "cells.h5ad")
     adata.write_h5ad(path)
-    try:
-        sample = read_sample(path, "h5ad", image=slide)
-    except GcmoeError:
-        return
-    assert sample.n_cells > 0 and np.isfinite(sample.spatial).all()
-    assert np.isfinite(sample.mpp) and sample.mpp > 0
+    for fmt in ("h5ad", "sample"):  # the generic AnnData reader and gcmoe's own Sample files
+        try:
+            sample = read_sample(path, fmt, image=slide if fmt == "h5ad" else None)
+        except GcmoeError:
+            continue
+        assert sample.n_cells > 0 and np.isfinite(sample.spatial).all()
+        assert np.isfinite(sample.mpp) and sample.mpp > 0
+        counts = sample.adata.layers["counts"]
+        counts = counts.toarray() if hasattr(counts, "toarray") else np.asarray(counts)
+        assert np.isfinite(counts).all() and (counts >= 0).all() and (counts == np.round(counts)).all()
 
 
 @pytest.fixture(scope="module")
