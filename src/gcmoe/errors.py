@@ -28,3 +28,11 @@ class UnknownNameError(GcmoeError, KeyError):
 
 class FeatureCacheError(GcmoeError, OSError):
     """A feature cache entry is corrupt or does not match the sample and encoder it is keyed by."""
+
+
+class OutputExistsError(GcmoeError, FileExistsError):
+    """An output path is taken by something gcmoe did not write (or by a file where a folder is needed)."""
+
+
+class TrainingError(GcmoeError, RuntimeError):
+    """Training cannot go on: too few cells, or a loss, statistic or score that is not finite."""

@@ -53,6 +53,38 @@ def centres_on_slide(cells: str | os.PathLike, coords: str, shape: tuple[int, in
     return xy[keep], [i for i, k in zip(ids, keep) if k]
 
 
+def _default_tile(encoder: str) -> int:
+    from gcmoe.features import create_encoder
+
+    return int(create_encoder(encoder).config.tile_size)
+
+
+def _check_slide_size(shape: tuple[int, int], mpp: float, target_mpp: float, tile: int, slide) -> None:
+    """Refuse a slide so small that every tile the model reads would be mostly padding (a 1 x 1 px image)."""
+    height, width = shape[:2]
+    need = tile * target_mpp / mpp / 4  # slide pixels: a quarter of the tile's side
+    if min(height, width) < need:
+        raise InvalidSampleError(
+            f"{slide} is {width} x {height} px ({width * mpp:.1f} x {height * mpp:.1f} um): smaller than a quarter of "
+            f"the {tile} px tile the model reads at {target_mpp} um/px ({need * 4:.0f} slide px), so its features would "
+            "come mostly from padding; give the whole slide (or a crop of at least that size), and check --mpp")
+
+
+def _check_encoder_weights(card: dict, model_dir) -> None:
+    """Refuse encoder weights that are not the file the model was trained on (its SHA-256 is in the card)."""
+    from gcmoe.files import file_sha256
+
+    weights, digest = card.get("weights"), card.get("weights_sha256")
+    if not weights or not digest:
+        return
+    if not Path(weights).is_file():
+        raise InvalidSampleError(f"the encoder weights {weights} the model {model_dir} was trained with are not there; "
+                                 "put that file at that path (the model card names it)")
+    if file_sha256(weights) != digest:
+        raise InvalidSampleError(f"the encoder weights {weights} are not the file the model {model_dir} was trained "
+                                 "with (SHA-256 differs); features of other weights mean nothing to the model")
+
+
 def predict_slide(
     model_dir: str | os.PathLike,
     slide: str | os.PathLike,
@@ -88,7 +120,7 @@ def predict_slide(
     from gcmoe.features.neighbours import window_neighbours
     from gcmoe.models import get_model_entry
     from gcmoe.pipeline.inputs import cell_data
-    from gcmoe.training.checkpoint import load_model
+    from gcmoe.training.checkpoint import CheckpointError, load_model
     from gcmoe.training.trainer import collect, predict
 
     out = Path(out)
@@ -97,6 +129,9 @@ def predict_slide(
     if (cells is None) == (not detect):
         raise InvalidSampleError("give exactly one source of cells: a cell file (--cells) or --detect")
     model, meta = load_model(model_dir, device=device)
+    if not meta.get("genes") or not isinstance(meta.get("encoder"), dict) and not get_model_entry(meta["model"]).inputs.pixels:
+        raise CheckpointError(f"{Path(model_dir) / 'model.json'} names no genes or no encoder: prediction needs both to "
+                              "label its outputs and extract the features; use a model folder written by gcmoe train")
     image = open_image(slide)
     mpp, _ = resolve_image_mpp(slide, mpp, Path(slide).stem)
     inputs = get_model_entry(meta["model"]).inputs
@@ -117,6 +152,8 @@ def predict_slide(
             "on: scan or export the slide at a closer magnification (or check --mpp); a model trained on slides of "
             "this pixel size predicts on them"
         )
+    _check_slide_size(image.shape, mpp, target_mpp, int(geometry.pixels.tile_size) if inputs.pixels else
+                      int(meta["encoder"].get("tile_size") or _default_tile(meta["encoder"]["name"])), slide)
     if detect:
         xy = detect_nuclei(image, mpp, progress=progress)
         ids = [f"cell_{i}" for i in range(len(xy))]
@@ -133,7 +170,9 @@ def predict_slide(
     if inputs.pixels:
         feats = np.zeros((len(xy), int(meta["in_dim"])), dtype=np.float32)
     else:
-        settings = FeatureConfig(encoder=meta["encoder"]["name"], weights=meta["encoder"].get("weights"),
+        card = meta["encoder"]
+        _check_encoder_weights(card, model_dir)
+        settings = FeatureConfig(encoder=card["name"], weights=card.get("weights"), tile_size=card.get("tile_size"),
                                  batch_size=batch_size, device=device, cache_dir=None if cache_dir is None else str(cache_dir))
         feats = extract_features(sample, settings, progress=progress)
     if feats.shape[1] != meta["in_dim"]:
@@ -147,6 +186,12 @@ def predict_slide(
                      neighbours=neighbours)
     idx = np.arange(len(xy))
     prediction = predict(model, data, idx)
+    bad = ~np.isfinite(prediction).all(axis=1)
+    if bad.any():  # never written silently: NaN predictions come from NaN features or weights
+        raise InvalidSampleError(
+            f"{model_dir} predicts NaN or infinite values for {int(bad.sum())} of {len(bad)} cells of {slide} (e.g. "
+            f"cell {ids[int(np.flatnonzero(bad)[0])]}); the image features or the model weights hold non-finite values: "
+            "check the slide and the model folder; nothing was written")
     adata = anndata.AnnData(X=prediction.astype(np.float32), obs=pd.DataFrame(index=pd.Index(ids, dtype=str)))
     adata.var_names = pd.Index(meta["genes"])
     adata.obsm[Key.SPATIAL] = sample.spatial

@@ -83,9 +83,12 @@ def build_run_store(cache_dir: Path, samples: list, genes: list[str], counts, ro
     if (path / "meta.json").is_file():
         store = CellStore(path)
         if store.n_cells == n and store.meta["genes"] == list(genes):
-            log.info("cell store %s reused (%d cells)", path, n)
-            return RunStore(store, rows, time.perf_counter() - t0)
-        log.warning("cell store %s does not match this run; rewriting it", path)
+            if store.verify():  # a damaged file would otherwise train on NaN (issue 16)
+                log.info("cell store %s reused (%d cells, checksums verified)", path, n)
+                return RunStore(store, rows, time.perf_counter() - t0)
+            log.warning("cell store %s has no checksums (an older gcmoe wrote it); rewriting it", path)
+        else:
+            log.warning("cell store %s does not match this run; rewriting it", path)
 
     m = config.neighbours.max_neighbours
     writer = None

@@ -49,7 +49,9 @@ def test_input_geometry_comes_from_the_model_settings():
 def test_unknown_names_and_parameters_are_refused_with_the_valid_names():
     with pytest.raises(UnknownNameError, match="available models: .*stnet"):
         get_model_entry("no_such_model")
-    with pytest.raises(UnknownNameError, match=r"model 'stnet': bad parameters \['depthh'\]"):
+    from gcmoe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model 'stnet' has no parameter\(s\) \['depthh'\].*its parameters: \['dropout'"):
         create_model("stnet", 6, 4, depthh=3)
     with pytest.raises(ValueError, match="registered twice"):
         register_model("stnet", "again")(lambda in_dim, n_genes: None)

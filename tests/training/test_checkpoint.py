@@ -57,5 +57,10 @@ def test_model_saved_with_an_old_default_says_which_setting(tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["params"]["c2ca_shared"] = False
     meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="model.json does not match its checksum in SHA256SUMS.*seal_model"):
+        load_model(tmp_path / "m")  # edited: refused until re-sealed on purpose
+    from gcmoe.training.checkpoint import seal_model
+
+    seal_model(tmp_path / "m")
     loaded, _ = load_model(tmp_path / "m")
     assert loaded.attention.key.shape[0] == 4

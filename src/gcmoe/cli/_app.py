@@ -3,18 +3,67 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from gcmoe.errors import GcmoeError
 
+class _Group(TyperGroup):
+    """The command group: a GcmoeError anywhere is reported as by :func:`fail`; any other exception as one line
+    naming the file that holds its traceback (the traceback itself with ``gcmoe --debug``)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, typer.Exit, typer.Abort,
+                SystemExit, KeyboardInterrupt):
+            raise
+        except GcmoeError as exc:
+            fail(exc)
+        except Exception as exc:
+            if DEBUG["on"]:
+                raise
+            log_path = _write_traceback(exc)
+            typer.secho(f"error: unexpected {type(exc).__name__}: {exc} (a bug or an input gcmoe does not check yet; "
+                        f"the traceback is in {log_path}; run with --debug for the traceback)",
+                        fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=1) from None
+
+
+DEBUG = {"on": False}
+
+
+def _write_traceback(exc: BaseException) -> Path:
+    """Write ``exc``'s traceback to a new file under the temporary folder; its path."""
+    import tempfile
+    import traceback
+    from datetime import datetime, timezone
+
+    folder = Path(tempfile.gettempdir()) / "gcmoe-logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    path = folder / f"gcmoe-{stamp}-{os.getpid()}.log"
+    path.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), encoding="utf-8")
+    return path
+
+
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     help="Predict single-cell gene expression from H&E slides (GC-MoE and baselines).",
 )
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected error (otherwise written to a file).")] = False) -> None:
+    """Predict single-cell gene expression from H&E slides (GC-MoE and baselines)."""
+    DEBUG["on"] = debug
 
 
 def setup_logging(verbose: bool) -> None:
@@ -62,6 +111,7 @@ AlignmentOpt = Annotated[Optional[str], typer.Option("--alignment", help="xenium
 KeypointUnitsOpt = Annotated[Optional[str], typer.Option("--keypoint-units", help="xenium: unit of a keypoints CSV's fixedX/fixedY: um, px (morphology pixels) or auto (from the pixel sizes each implies).")]
 SegmentationOpt = Annotated[Optional[str], typer.Option("--segmentation", help="HEST: which polygons make the cells: cell or nucleus (10x's, xenium_seg/), cellvit (CellViT's nuclei on the H&E, cellvit_seg/) or none; Visium HD: cell or nucleus (the centres).")]
 NoQcOpt = Annotated[bool, typer.Option("--no-qc", help="Skip the slide check (registration, pixel size: gcmoe qc) that otherwise stops the run on a failure.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Write into --out although gcmoe did not make it (a non-empty folder without gcmoe's manifest, or an existing file), replacing files of the names gcmoe writes; no other file is deleted.")]
 StreamOpt = Annotated[bool, typer.Option("--stream", help="Train from an on-disk cell store in shuffled chunks (flat memory; ST-Net* and GC-MoE models): docs/scale.md.")]
 
 

@@ -18,6 +18,7 @@ from gcmoe.cli._app import (
     ImageOpt,
     KeypointUnitsOpt,
     MppOpt,
+    OverwriteOpt,
     SampleIdOpt,
     SegmentationOpt,
     XyColumnsOpt,
@@ -44,22 +45,24 @@ def simulate(
     morphology_contrast: Annotated[float, typer.Option(help="How far cell types differ in the image.")] = TissueConfig.morphology_contrast,
     sample_id: Annotated[str, typer.Option()] = TissueConfig.sample_id,
     program_seed: Annotated[int, typer.Option(help="Seeds the gene programs only; tissues sharing it share biology.")] = TissueConfig.program_seed,
+    overwrite: OverwriteOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Generate a virtual H&E tissue with single-cell expression, its reference scRNA-seq and ground truth."""
     setup_logging(verbose)
     from gcmoe.config import TissueConfig
     from gcmoe.data.virtual_tissue import simulate_tissue
-    from gcmoe.files import write_h5ad
+    from gcmoe.files import output_folder, write_h5ad
 
     try:
-        tissue = simulate_tissue(TissueConfig(
-            seed=seed, n_cells=n_cells, height=height, width=width, mpp=mpp, n_cell_types=n_cell_types,
-            n_genes=n_genes, noise=noise, dropout=dropout, morphology_contrast=morphology_contrast, sample_id=sample_id,
-            program_seed=program_seed,
-        ))
-        path = tissue.sample.write(out / f"{sample_id}.h5ad")
-        write_h5ad(tissue.reference, out / "reference.h5ad")
+        with output_folder(out, "simulate", overwrite):
+            tissue = simulate_tissue(TissueConfig(
+                seed=seed, n_cells=n_cells, height=height, width=width, mpp=mpp, n_cell_types=n_cell_types,
+                n_genes=n_genes, noise=noise, dropout=dropout, morphology_contrast=morphology_contrast,
+                sample_id=sample_id, program_seed=program_seed,
+            ))
+            path = tissue.sample.write(out / f"{sample_id}.h5ad")
+            write_h5ad(tissue.reference, out / "reference.h5ad")
     except GcmoeError as exc:
         fail(exc)
     typer.echo(f"wrote {path} (+ .tif image) and {out / 'reference.h5ad'}: {tissue.sample.n_cells} cells, "
@@ -75,6 +78,7 @@ def extract(
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder; finished tiles are saved there as they go, so a rerun resumes. Required under torchrun, on storage every process sees.")] = None,
     batch_size: Annotated[int, typer.Option(help="Tiles per encoder pass.")] = FeatureConfig.batch_size,
     device: Annotated[str, typer.Option()] = FeatureConfig.device,
+    overwrite: OverwriteOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Extract image features at every cell of a Sample (cached on disk; under torchrun the tiles are split across processes)."""
@@ -84,10 +88,11 @@ def extract(
 
     from gcmoe.data.sample import Sample
     from gcmoe.features import extract_features
-    from gcmoe.files import atomic_path
+    from gcmoe.files import atomic_path, check_output_file
     from gcmoe.training.distributed import init_from_env, is_main_process
 
     try:
+        check_output_file(out, overwrite, "features.npy")
         device = init_from_env(device)  # under torchrun: join the group; each rank encodes its share of the tiles
         settings = FeatureConfig(encoder=encoder, weights=None if weights is None else str(weights),
                                  batch_size=batch_size, device=device, cache_dir=None if cache_dir is None else str(cache_dir))
@@ -117,13 +122,16 @@ def convert(
     keypoint_units: KeypointUnitsOpt = None,
     segmentation: SegmentationOpt = None,
     min_qv: Annotated[float, typer.Option(help="HEST: drop transcripts below this quality.")] = DataConfig.min_qv,
+    overwrite: OverwriteOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Read a slide in any supported layout once and write it as a Sample .h5ad (fast to read in later runs)."""
     setup_logging(verbose)
     from gcmoe.data.readers import read_sample
+    from gcmoe.files import check_output_file
 
     try:
+        check_output_file(out, overwrite, "sample.h5ad")
         sample = read_sample(data, fmt or "auto", sample_id=sample_id, image=image, mpp=mpp,
                              cell_type_key=cell_type_key, min_qv=min_qv, coords=coords or DataConfig.coords,
                              xy_columns=split_names(xy_columns), alignment=alignment,
@@ -199,15 +207,19 @@ def prior(
     mapping: Annotated[Optional[Path], typer.Option(help="YAML {reference type: routing type}.")] = None,
     type_key: Annotated[str, typer.Option(help="The reference's cell-type column.")] = PriorConfig.type_key,
     tau: Annotated[float, typer.Option(help="Edge where the gene-gene correlation exceeds tau.")] = PriorConfig.tau,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Build cell-type-specific co-expression graphs from a reference and print their summary."""
     setup_logging(False)
     from gcmoe.prior.coexpression import prior_from_files
 
+    from gcmoe.files import check_output_file
+
     names = None
     if genes:
         names = Path(genes[1:]).read_text().split() if genes.startswith("@") else split_names(genes)
     try:
+        check_output_file(out, overwrite, "prior.npz")
         result = prior_from_files(reference, names, genes_of=sample, mapping=mapping,
                                   routing_types=split_names(types), type_key=type_key, tau=tau)
         result.save(out)

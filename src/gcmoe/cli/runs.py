@@ -16,6 +16,7 @@ from gcmoe.cli._app import (
     KeypointUnitsOpt,
     MppOpt,
     NoQcOpt,
+    OverwriteOpt,
     SampleIdOpt,
     SegmentationOpt,
     StreamOpt,
@@ -34,14 +35,17 @@ from gcmoe.errors import GcmoeError
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("gcmoe_demo"),
     quick: Annotated[bool, typer.Option("--quick", help="A tiny tissue and short training (well under a minute).")] = False,
+    overwrite: OverwriteOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """The whole pipeline on the embedded virtual tissue: simulate, extract features, cross-validate, report."""
     setup_logging(verbose)
+    from gcmoe.files import output_folder
     from gcmoe.pipeline import demo_config, run_cv
 
     try:
-        results = run_cv(demo_config(out, quick=quick))
+        with output_folder(out, "demo", overwrite):
+            results = run_cv(demo_config(out, quick=quick))
     except GcmoeError as exc:
         fail(exc)
     print_table(results, out)
@@ -70,10 +74,12 @@ def cv(
     resume: Annotated[bool, typer.Option("--resume", help="Reuse the finished (model, fold) pairs and training checkpoints in OUT.")] = False,
     stream: StreamOpt = False,
     no_qc: NoQcOpt = False,
+    overwrite: OverwriteOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Cross-validated comparison of models on a virtual tissue or on Samples; writes results.md/json."""
     setup_logging(verbose)
+    from gcmoe.files import output_folder
     from gcmoe.pipeline import run_cv
 
     try:
@@ -81,7 +87,8 @@ def cv(
                                      mpp=mpp, cell_type_key=cell_type_key, stream=stream, coords=coords,
                                      xy_columns=xy_columns, alignment=alignment, keypoint_units=keypoint_units,
                                      segmentation=segmentation, no_qc=no_qc)
-        results = run_cv(run_config, resume=resume)
+        with output_folder(run_config.out, "cv", overwrite):
+            results = run_cv(run_config, resume=resume)
     except GcmoeError as exc:
         fail(exc)
     print_table(results, Path(run_config.out))
@@ -107,10 +114,14 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUT/checkpoints.")] = False,
     stream: StreamOpt = False,
     no_qc: NoQcOpt = False,
+    overwrite: OverwriteOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train one model on all cells (early stopping on spatial validation blocks) and save its model folder."""
     setup_logging(verbose)
+    from contextlib import nullcontext
+
+    from gcmoe.files import output_folder
     from gcmoe.pipeline import train_model
     from gcmoe.training.distributed import init_from_env, is_main_process
 
@@ -120,7 +131,8 @@ def train(
                                      alignment=alignment, keypoint_units=keypoint_units, segmentation=segmentation,
                                      no_qc=no_qc)
         run_config.train.device = init_from_env(run_config.train.device)  # under torchrun: join the group
-        folder = train_model(run_config, model, resume=resume)
+        with output_folder(run_config.out, "train", overwrite) if is_main_process() else nullcontext():
+            folder = train_model(run_config, model, resume=resume)
     except GcmoeError as exc:
         fail(exc)
     if is_main_process():
@@ -138,13 +150,16 @@ def predict_cmd(
     coords: Annotated[str, typer.Option("--coords", help="Unit of the --cells centres: px (pixels of the slide) or um (micrometres, divided by the pixel size).")] = "px",
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder.")] = None,
     device: Annotated[str, typer.Option()] = FeatureConfig.device,
+    overwrite: OverwriteOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Predict the expression of every cell of a new slide with a trained model."""
     setup_logging(verbose)
+    from gcmoe.files import check_output_file
     from gcmoe.inference import predict_slide
 
     try:
+        check_output_file(out, overwrite, "predictions.h5ad")
         adata = predict_slide(model, slide, out, cells=cells, detect=detect, mpp=mpp, cache_dir=cache_dir, device=device,
                               coords=coords)
     except GcmoeError as exc:

@@ -75,7 +75,16 @@ def _read_table(path: Path, suffix: str) -> tuple[np.ndarray, list[str]]:
             f"found {list(df.columns)[:20]}"
         )
     ids = [_as_str(v) for v in df["cell_id"]] if "cell_id" in df.columns else [f"cell_{i}" for i in range(len(df))]
-    return df[[xcol, ycol]].to_numpy(dtype=np.float64), ids
+    columns = []
+    for col in (xcol, ycol):
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = np.flatnonzero(values.isna() & df[col].notna())
+        if len(bad):
+            raise InvalidSampleError(
+                f"{path}: column {col!r} must hold plain numbers (pixels of the H&E), but row {bad[0] + 1} holds "
+                f"{df[col].iloc[bad[0]]!r} ({len(bad)} such rows); write the centres as numbers without units")
+        columns.append(values.to_numpy(dtype=np.float64))
+    return np.column_stack(columns).reshape(-1, 2), ids
 
 
 def _as_str(value) -> str:
@@ -102,16 +111,45 @@ def _read_json(path: Path) -> tuple[np.ndarray, list[str]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidSampleError(f"{path} is not valid JSON ({exc})") from exc
     if isinstance(data, dict) and "nuc" in data:  # HoVer-Net
+        if not isinstance(data["nuc"], dict):
+            raise InvalidSampleError(f"{path}: HoVer-Net JSON's 'nuc' must map nucleus ids to nuclei")
         items = list(data["nuc"].items())
-        return np.array([v["centroid"][:2] for _, v in items], dtype=np.float64), [str(k) for k, _ in items]
+        centres = []
+        for key, nucleus in items:
+            centroid = nucleus.get("centroid") if isinstance(nucleus, dict) else None
+            try:
+                centres.append(np.asarray(centroid, dtype=np.float64).reshape(-1)[:2])
+                if centres[-1].shape != (2,):
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise InvalidSampleError(
+                    f"{path}: HoVer-Net nucleus {key!r} has no usable 'centroid' (got {centroid!r}); each nucleus needs "
+                    "\"centroid\": [x, y] in pixels (HoVer-Net writes it with --save_centroid or in its JSON output)"
+                ) from None
+        return np.array(centres, dtype=np.float64).reshape(-1, 2), [str(k) for k, _ in items]
     features = data.get("features") if isinstance(data, dict) else data
     if not isinstance(features, list):
         raise InvalidSampleError(f"{path}: expected a GeoJSON FeatureCollection, a list of features, or HoVer-Net JSON")
+    for i, feat in enumerate(features):
+        ok = isinstance(feat, dict) and isinstance(feat.get("geometry"), dict) and isinstance(
+            feat.get("properties") or {}, dict)
+        if not ok:
+            raise InvalidSampleError(
+                f"{path}: feature {i} is not a GeoJSON feature with a geometry object (got {str(feat)[:80]!r}); each "
+                "feature needs \"geometry\": {\"type\": \"Point\" or \"Polygon\", \"coordinates\": ...}")
     centres, ids = [], []
     for i, (oid, geom, _) in enumerate(geojson_objects(features, default_id="cell_{i}")):
         if not isinstance(geom, dict) or "type" not in geom:
             raise InvalidSampleError(f"{path}: feature {i} has no geometry")
-        centres.append(_geometry_centre(geom))
+        try:
+            centres.append(_geometry_centre(geom))
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            raise InvalidSampleError(
+                f"{path}: feature {i} ({oid}) has a {geom.get('type')} geometry without usable coordinates "
+                f"(got {str(geom.get('coordinates'))[:80]!r}: {type(exc).__name__}); give [x, y] for a Point, rings of "
+                "[x, y] for a Polygon") from None
+        if centres[-1].shape != (2,):
+            raise InvalidSampleError(f"{path}: feature {i} ({oid}) has coordinates that are not [x, y] pairs")
         ids.append(oid)
     return np.array(centres, dtype=np.float64).reshape(-1, 2), ids
 
@@ -119,16 +157,21 @@ def _read_json(path: Path) -> tuple[np.ndarray, list[str]]:
 def _read_mask(path: Path, suffix: str) -> tuple[np.ndarray, list[str]]:
     from scipy import ndimage as ndi
 
-    if suffix == ".npy":
-        mask = np.load(path, allow_pickle=False)
-    elif suffix in (".tif", ".tiff"):
-        import tifffile
+    try:
+        if suffix == ".npy":
+            mask = np.load(path, allow_pickle=False)  # never unpickled: object arrays raise ValueError
+        elif suffix in (".tif", ".tiff"):
+            import tifffile
 
-        mask = tifffile.imread(path)
-    else:
-        from skimage.io import imread
+            mask = tifffile.imread(path)
+        else:
+            from skimage.io import imread
 
-        mask = imread(path)
+            mask = imread(path)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InvalidSampleError(
+            f"{path}: cannot read a label mask ({exc}); it must be a 2-D integer array saved with numpy.save (no "
+            "pickled objects), or a TIFF/PNG label image") from None
     mask = np.asarray(mask)
     if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
         raise InvalidSampleError(f"{path}: a label mask must be a 2-D integer image (0 = background), got {mask.dtype} {mask.shape}")

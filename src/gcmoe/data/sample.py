@@ -174,7 +174,9 @@ def validate_sample(sample: Sample) -> None:
     if not _SAFE_ID.fullmatch(str(sid)) or str(sid) in (".", ".."):
         raise InvalidSampleError(
             f"sample id {str(sid)!r} cannot be used: sample ids name files and folders, so they may not hold "
-            "'/', '\\' or control characters, nor start with '.'; give another one (--sample-id)"
+            "'/', '\\' or control characters, nor start with '.'; give another one (a Sample file: its "
+            f"uns['{Key.UNS}']['{UnsKey.SAMPLE_ID}']; gcmoe predict: rename the slide file, whose name it takes; "
+            "convert: --sample-id)"
         )
     try:
         mpp = float(meta[UnsKey.MPP])
@@ -198,18 +200,17 @@ def validate_sample(sample: Sample) -> None:
         raise InvalidSampleError(f"sample {sid}: duplicated gene names, e.g. {dup}")
     if Key.COUNTS not in adata.layers:
         raise InvalidSampleError(f"sample {sid}: raw counts missing: put them in layers['{Key.COUNTS}']")
+    from gcmoe.data.readers.h5ad import check_raw_counts
+
     counts = adata.layers[Key.COUNTS]
-    values = counts.data if sp.issparse(counts) else np.asarray(counts)
-    if not np.issubdtype(values.dtype, np.number):
-        raise InvalidSampleError(f"sample {sid}: counts must be numeric, got {values.dtype}")
-    if values.size and not np.all(np.isfinite(values)):
-        n_bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
-        raise InvalidSampleError(f"sample {sid}: counts hold {n_bad} NaN or infinite values; raw counts must be finite")
-    if values.size and values.min() < 0:
-        raise InvalidSampleError(f"sample {sid}: counts hold negative values (min {values.min()}); give raw counts")
+    check_raw_counts(counts.data if sp.issparse(counts) else counts, f"sample {sid}", f"layers['{Key.COUNTS}']")
     if Key.SPATIAL not in adata.obsm:
         raise InvalidSampleError(f"sample {sid}: cell centres missing: put (x, y) H&E pixels in obsm['{Key.SPATIAL}']")
-    xy = np.asarray(adata.obsm[Key.SPATIAL], dtype=np.float64)
+    try:
+        xy = np.asarray(adata.obsm[Key.SPATIAL], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InvalidSampleError(f"sample {sid}: obsm['{Key.SPATIAL}'] must hold numbers (x, y H&E pixels), but it "
+                                 f"cannot be read as numbers ({exc})") from None
     if xy.ndim != 2 or xy.shape[1] != 2:
         raise InvalidSampleError(f"sample {sid}: obsm['{Key.SPATIAL}'] must be (n_cells, 2), got {xy.shape}")
     if not np.all(np.isfinite(xy)):

@@ -71,8 +71,16 @@ def get_model_entry(name: str) -> ModelEntry:
 
 def create_model(name: str, in_dim: int, n_genes: int, **params: Any):
     """Build a registered model for ``in_dim`` features and ``n_genes`` targets."""
+    import inspect
+
+    from gcmoe.errors import ConfigError
+
     entry = get_model_entry(name)
-    try:
-        return entry.factory(in_dim=in_dim, n_genes=n_genes, **params)
-    except TypeError as exc:
-        raise UnknownNameError(f"model {name!r}: bad parameters {sorted(params)} ({exc})") from exc
+    signature = inspect.signature(entry.factory)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    valid = sorted(k for k, p in signature.parameters.items()
+                   if k not in ("self", "in_dim", "n_genes") and p.kind is not inspect.Parameter.VAR_KEYWORD)
+    unknown = sorted(set(params) - set(valid))
+    if unknown and not takes_any:  # only a misspelt name is the user's; any other TypeError is a bug
+        raise ConfigError(f"model {name!r} has no parameter(s) {unknown} (model_params); its parameters: {valid}")
+    return entry.factory(in_dim=in_dim, n_genes=n_genes, **params)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from functools import reduce
@@ -20,6 +19,7 @@ import numpy as np
 
 from gcmoe import __version__
 from gcmoe.config import RunConfig, save_config
+from gcmoe.files import remove_owned
 from gcmoe.models.inputs import ModelInputs
 from gcmoe.pipeline.data import RunData, prepare_run
 from gcmoe.pipeline.inputs import build_model, build_prior, check_streamable
@@ -73,8 +73,8 @@ def run_cv(config: RunConfig, progress: bool = True, resume: bool = False) -> di
         folds = make_folds(pooled.sample_ids, pooled.xy, config.cv.scheme, config.cv.n_folds,
                            config.train.val_fraction, config.train.seed)
         if not resume:
-            shutil.rmtree(out / "cv_state", ignore_errors=True)
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            remove_owned(out / "cv_state")  # only what gcmoe wrote there (gcmoe.files.OutputFolder)
+            remove_owned(out / "checkpoints")
         targets = _RunTargets.of(run, config)
         tally = _Tally({e.display_name: empty_entry(e) for e in entries})
         prior_summary = None
@@ -169,7 +169,8 @@ def _train_fold(entry: ModelEntry, k: int, fold: Fold, n_folds: int, genes: list
     checkpoints = out / "checkpoints" / entry.name / fold.name
     res = fit(model, data, run.rows(fold.train), run.rows(fold.val), fold_config, progress=progress,
               description=f"{entry.display_name} {fold.name} ({k + 1}/{n_folds})",
-              checkpoint_dir=checkpoints, resume=resume, fingerprint={"model": entry.name, "genes": ",".join(genes)})
+              checkpoint_dir=checkpoints, resume=resume,
+              fingerprint={"model": entry.name, "genes": ",".join(genes), "params": fingerprint["params"]})
     pred = predict(model, data, run.rows(fold.test))
     pi = None
     if model.routes and run.routing is not None:
@@ -179,7 +180,7 @@ def _train_fold(entry: ModelEntry, k: int, fold: Fold, n_folds: int, genes: list
     done = {"prediction": pred, "routing": pi, "best_epoch": res.best_epoch,
             "seconds": round(res.seconds, 3), "train_cells_per_s": round(res.train_cells_per_s, 1)}
     save_fold_state(state_path, done, fingerprint)
-    shutil.rmtree(checkpoints, ignore_errors=True)  # kept in cv_state now
+    remove_owned(checkpoints)  # kept in cv_state now
     return done
 
 

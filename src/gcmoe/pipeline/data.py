@@ -57,8 +57,6 @@ class Routing:
 def load_samples(config: RunConfig, out: Path) -> tuple[list[Sample], Any, str]:
     """The run's Samples, reference (or None) and data-set name: a generated virtual tissue (written under
     ``out/data``) or the files of ``config.data``."""
-    import anndata
-
     if config.data.source == "virtual":
         from gcmoe.data.virtual_tissue import simulate_tissue
 
@@ -93,10 +91,12 @@ def load_samples(config: RunConfig, out: Path) -> tuple[list[Sample], Any, str]:
         qc_samples(samples, out / "qc" if is_main_process() else None)
     reference = None
     if config.data.reference:
+        from gcmoe.data.readers.h5ad import read_reference
+
         path = Path(config.data.reference)
         if not path.is_file():
             raise ConfigError(f"reference file not found: {path}")
-        reference = anndata.read_h5ad(path)
+        reference = read_reference(path, config.prior.type_key)
     return samples, reference, config.data.name or "+".join(ids)
 
 

@@ -28,7 +28,13 @@ if TYPE_CHECKING:
 
 
 def check_streamable(entries: list[ModelEntry], config: RunConfig) -> None:
-    """Refuse, before any work, models that cannot train from a cell store when ``train.stream`` is on."""
+    """Refuse, before any work, models that cannot train from a cell store when ``train.stream`` is on, and
+    models whose co-expression prior needs a reference the run does not have."""
+    needs = [e.display_name for e in entries if e.inputs.coexpression]
+    if needs and config.data.source != "virtual" and not config.data.reference:
+        raise ConfigError(f"{', '.join(needs)} build co-expression graphs from a labelled reference scRNA-seq .h5ad "
+                          "(and transfer routing labels from it when the slides have no obs['cell_type']): give "
+                          "data.reference (--reference)")
     if not config.train.stream:
         return
     bad = {e.display_name: e.inputs.in_memory_only for e in entries if not e.inputs.streamable}

@@ -17,7 +17,7 @@ import numpy as np
 from gcmoe import __version__
 from gcmoe._constants import Key
 from gcmoe.config import RunConfig
-from gcmoe.files import atomic_path, write_h5ad, write_json, write_text
+from gcmoe.files import atomic_path, claim_file, file_sha256, write_h5ad, write_json, write_text
 
 if TYPE_CHECKING:
     from gcmoe.models.registry import ModelEntry
@@ -38,7 +38,8 @@ def model_card(entry: ModelEntry, genes: list[str], run: RunData, config: RunCon
     return {
         "genes": list(genes),
         "cell_types": list(run.routing.types) if run.routing is not None else [],
-        "encoder": _encoder_card(config.features.encoder, config.features.weights, run.pooled.feature_dim),
+        "encoder": _encoder_card(config.features.encoder, config.features.weights, run.pooled.feature_dim,
+                                 config.features.tile_size),
         "neighbours": to_dict(config.neighbours) if entry.inputs.neighbours else None,
         "targets": to_dict(config.targets) | {"genes": list(genes)},
         "training_data": training_data | {"mpp": {s.sample_id: s.mpp for s in run.pooled.samples}},
@@ -56,14 +57,19 @@ def now() -> str:
 _ENCODER_CARDS: dict[tuple, dict[str, Any]] = {}
 
 
-def _encoder_card(name: str, weights: str | None, feature_dim: int) -> dict[str, Any]:
-    key = (name, weights, feature_dim)
+def _encoder_card(name: str, weights: str | None, feature_dim: int, tile_size: int | None = None) -> dict[str, Any]:
+    """What prediction needs to extract the same features: the encoder, its pixel size, tile size and weights
+    (path and SHA-256, so other weights under the same path are refused)."""
+    from gcmoe.files import file_sha256
+
+    key = (name, weights, feature_dim, tile_size)
     if key not in _ENCODER_CARDS:  # creating an encoder may load weights: once per run, not once per model
         from gcmoe.features import create_encoder
 
         encoder = create_encoder(name, weights=weights)
         _ENCODER_CARDS[key] = {"name": name, "target_mpp": encoder.config.target_mpp, "feature_dim": feature_dim,
-                               "weights": weights}
+                               "tile_size": int(tile_size or encoder.config.tile_size), "weights": weights,
+                               "weights_sha256": file_sha256(weights) if weights else None}
     return _ENCODER_CARDS[key]
 
 
@@ -76,7 +82,7 @@ def save_fold_state(path: Path, done: dict[str, Any], fingerprint: dict[str, Any
     with atomic_path(path.with_suffix(".npz"), suffix=".npz") as tmp:
         np.savez(tmp, **arrays)
     meta = {k: done[k] for k in ("best_epoch", "seconds", "train_cells_per_s")} | {"fingerprint": fingerprint}
-    write_json(path.with_suffix(".json"), meta)
+    write_json(path.with_suffix(".json"), meta | {"npz_sha256": file_sha256(path.with_suffix(".npz"))})
 
 
 def load_fold_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
@@ -86,15 +92,27 @@ def load_fold_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] |
     meta_path = path.with_suffix(".json")
     if not meta_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
-    saved = meta.get("fingerprint", {})
+    npz_path = path.with_suffix(".npz")
+    redo = f"delete {meta_path} and {npz_path} to train this (model, fold) again"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        saved = meta["fingerprint"]
+        numbers = {k: meta[k] for k in ("best_epoch", "seconds", "train_cells_per_s")}
+        if not isinstance(saved, dict) or not isinstance(meta.get("npz_sha256"), str):
+            raise ValueError("no fingerprint or checksum")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot resume: {meta_path} is not a complete fold state ({type(exc).__name__}: "
+                              f"{exc}); the file is truncated or damaged: {redo}") from None
     differs = [k for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k)]
     if differs:
         raise CheckpointError(f"cannot resume: {meta_path} was made by a different run (it differs in "
                               f"{', '.join(differs)}); resume with the same settings and data, or use a new output folder")
-    with np.load(path.with_suffix(".npz"), allow_pickle=False) as arrays:
+    if not npz_path.is_file() or file_sha256(npz_path) != meta["npz_sha256"]:
+        raise CheckpointError(f"cannot resume: {npz_path} is missing or does not match its checksum in {meta_path.name}: "
+                              f"the predictions were damaged or replaced; {redo}")
+    with np.load(npz_path, allow_pickle=False) as arrays:
         return {"prediction": arrays["prediction"], "routing": arrays["routing"] if "routing" in arrays else None,
-                "best_epoch": meta["best_epoch"], "seconds": meta["seconds"], "train_cells_per_s": meta["train_cells_per_s"]}
+                **numbers}
 
 
 # --- per-fold predictions and first-fold models, kept for figures and the report (docs/results.md) ---
@@ -181,6 +199,7 @@ def plain_params(params: dict[str, Any]) -> dict[str, Any]:
 
 def attach_log_file(path: Path) -> logging.Handler:
     """Log the package's INFO messages to ``path`` too (the run's log.txt); remove the handler when done."""
+    claim_file(path)  # a log.txt gcmoe did not write is not appended to
     handler = logging.FileHandler(path, mode="a")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)

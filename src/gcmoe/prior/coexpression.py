@@ -141,7 +141,9 @@ def prior_from_files(reference: str | os.PathLike, genes: Sequence[str] | None =
 
     from gcmoe.data.cell_types import ordered_types
 
-    ref = anndata.read_h5ad(reference)
+    from gcmoe.data.readers.h5ad import read_reference
+
+    ref = read_reference(reference, type_key)
     if genes is None:
         genes = list(map(str, (anndata.read_h5ad(genes_of, backed="r") if genes_of else ref).var_names))
     type_map = yaml.safe_load(Path(mapping).read_text()) if mapping else None

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gcmoe.files import file_sha256, publish, temporary_path
+from gcmoe.files import file_sha256, publish, remove_owned, temporary_path
 from gcmoe.training.checkpoint import CheckpointError
 
 FORMAT = "gcmoe-training-state/1"
@@ -104,7 +104,7 @@ def save_training_state(folder: str | os.PathLike, state: TrainingState, fingerp
     publish(tmp, final)
     for old in folder.glob(f"{_PREFIX}*"):
         if old != final and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
+            remove_owned(old)
     return final
 
 

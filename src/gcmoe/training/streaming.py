@@ -106,6 +106,7 @@ class CellStoreWriter:
                                      "genes": list(genes), "cell_types": list(cell_types or [])}
         self.written = 0
         self.digest = hashlib.sha256()
+        self.sums = {name: hashlib.sha256() for name in _ARRAYS}  # rows appended in order: the whole array's bytes
 
     def append(self, features: np.ndarray, targets: np.ndarray, neighbours: np.ndarray, positions: np.ndarray,
                cell_type: np.ndarray | None = None) -> None:
@@ -123,12 +124,14 @@ class CellStoreWriter:
         for name, value in rows.items():
             self.arrays[name][self.written:stop] = value
             self.digest.update(np.ascontiguousarray(value).tobytes())
+            self.sums[name].update(np.ascontiguousarray(value).tobytes())
         self.written = stop
 
     def close(self) -> CellStore:
         if self.written != self.n_cells:
             raise ValueError(f"{self.written} of {self.n_cells} cells were written")
         self.meta["digest"] = self.digest.hexdigest()[:20]
+        self.meta["sha256"] = {name: h.hexdigest() for name, h in self.sums.items()}
         self.meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         (self.tmp / "meta.json").write_text(json.dumps(self.meta, indent=1))
         publish(self.tmp, self.path)
@@ -180,6 +183,26 @@ class CellStore:
     @property
     def n_cells(self) -> int:
         return int(self.meta["n_cells"])
+
+    def verify(self) -> bool:
+        """Check every array against the SHA-256 in meta.json (reads the store once); False when the store has no
+        checksums (written by an older gcmoe). A mismatch (a damaged file) raises FeatureCacheError."""
+        sums = self.meta.get("sha256")
+        if not isinstance(sums, dict):
+            return False
+        for name in _ARRAYS:
+            h = hashlib.sha256()
+            try:
+                for start in range(0, self.n_cells, self.chunk):
+                    h.update(np.ascontiguousarray(self.rows(name, start, min(start + self.chunk, self.n_cells))).tobytes())
+            except Exception as exc:  # zarr and its codecs raise many types for a damaged chunk
+                raise FeatureCacheError(f"cell store {self.path}: {name}.zarr cannot be read ({type(exc).__name__}: "
+                                        f"{exc}); the store is damaged: delete {self.path} to rebuild it") from None
+            if h.hexdigest() != sums.get(name):
+                raise FeatureCacheError(
+                    f"cell store {self.path}: {name}.zarr does not match its checksum in meta.json: the store is "
+                    f"damaged; delete {self.path} to rebuild it from the feature cache")
+        return True
 
     @property
     def chunk(self) -> int:

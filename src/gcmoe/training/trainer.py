@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from gcmoe.config import TrainConfig
+from gcmoe.errors import ConfigError, TrainingError
 from gcmoe.evaluation.metrics import pearson_per_gene
 from gcmoe.models.base import CellModel
 from gcmoe.models.losses import expression_loss
@@ -132,17 +133,27 @@ def fit(
     model, data) is stored with each checkpoint; a resume whose fingerprint differs is refused.
     """
     if len(train_idx) < 2 or len(val_idx) < 2:
-        raise ValueError(f"need at least 2 training and 2 validation cells, got {len(train_idx)} and {len(val_idx)}")
+        raise TrainingError(f"{description}: training needs at least 2 training and 2 validation cells, got "
+                            f"{len(train_idx)} and {len(val_idx)}; give a slide with more cells (or a larger "
+                            "train.val_fraction when the validation cells are too few)")
     torch.set_num_threads(config.num_threads or default_threads())
     seed_everything(config.seed)
     device = torch.device(config.device)
     model.to(device)
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
     mean, std = data.feature_stats(train_idx)
+    if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(std).all())):
+        raise TrainingError(f"{description}: the image features of the training cells hold NaN or infinite values "
+                            "(their mean or standard deviation is not finite); the feature cache or cell store is "
+                            "damaged or the encoder failed: delete the cache folder (<out>/cache) to recompute them")
     model.set_input_stats(mean.to(device), std.to(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     val_true = data.targets_of(val_idx)
+    if not np.isfinite(val_true).all():
+        raise TrainingError(f"{description}: the targets of the validation cells hold NaN or infinite values; the "
+                            "counts or the cell store are damaged: delete the cache folder (<out>/cache) and check the "
+                            "counts")
 
     best_state: Mapping[str, Tensor] = copy.deepcopy(model.state_dict())
     best_pcc, best_epoch, stale = -np.inf, 0, 0
@@ -182,7 +193,8 @@ def fit(
     net = model
     if world > 1:
         if config.batch_size < world:
-            raise ValueError(f"batch size {config.batch_size} is smaller than the {world} processes")
+            raise ConfigError(f"train.batch_size {config.batch_size} is smaller than the {world} processes; give a "
+                              f"batch size of at least {world}")
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     start = time.perf_counter()
     bar = _progress(progress and not finished and rank == 0, description, config.max_epochs)
@@ -205,6 +217,11 @@ def fit(
                 loss = expression_loss(pred, target, config.mse_weight)
                 for aux in out.losses.values():
                     loss = loss + aux.float()
+                if not scaler.is_enabled() and not bool(torch.isfinite(loss.detach())):  # the scaler skips such steps
+                    raise TrainingError(
+                        f"{description}: the training loss became {float(loss.detach())} at epoch {epoch}: training "
+                        f"diverged or a batch holds non-finite inputs; lower train.lr (now {config.lr}) or check the "
+                        "features and counts")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -215,8 +232,18 @@ def fit(
                 del source, batch, target, out, pred, loss
             train_seconds += time.perf_counter() - t0
             model.on_validation_start(data, train_idx)
-            r = pearson_per_gene(predict(model, data, val_idx), val_true)
-            val_pcc = float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
+            val_pred = predict(model, data, val_idx)
+            if not np.isfinite(val_pred).all():
+                raise TrainingError(
+                    f"{description}: the model predicts NaN or infinite values for the validation cells at epoch "
+                    f"{epoch}: training diverged; lower train.lr (now {config.lr})")
+            r = pearson_per_gene(val_pred, val_true)
+            if not np.isfinite(r).any():
+                raise TrainingError(
+                    f"{description}: the validation score is undefined at epoch {epoch}: no gene varies across the "
+                    f"{len(val_idx)} validation cells (or the predictions are constant); give more cells or a larger "
+                    "train.val_fraction")
+            val_pcc = float(np.nanmean(r))
             history.append({"epoch": epoch, "train_loss": total / max(n_seen, 1), "val_pcc": val_pcc})
             if np.isfinite(val_pcc) and val_pcc > best_pcc + config.min_delta:
                 best_pcc, best_epoch, stale = val_pcc, epoch, 0

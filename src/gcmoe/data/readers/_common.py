@@ -35,6 +35,10 @@ def inside_image(xy: np.ndarray, shape: tuple[int, int], sample_id: str, mpp: fl
     pixels that reading gives: when all of those fit the image, the error gives that advice.
     """
     height, width = shape
+    not_finite = ~np.isfinite(xy).all(axis=1)
+    if not_finite.any():  # never "outside the image": a NaN centre is missing, not misplaced
+        raise InvalidSampleError(f"sample {sample_id}: {int(not_finite.sum())} of {len(xy)} cell centres from {source} "
+                                 "are NaN or infinite; drop those cells or give their centres")
     ok = fits(xy, shape)
     n_out = int((~ok).sum())
     if n_out == 0:

@@ -70,7 +70,7 @@ def cell_centres(adata, path: Path, spatial_key: str, xy_columns: Sequence[str] 
             xy = adata.obs[list(xy_columns)].to_numpy(dtype=np.float64)
         except (TypeError, ValueError) as exc:
             raise InvalidSampleError(f"{path}: obs columns {list(xy_columns)} are not numeric ({exc})") from exc
-        return xy, f"{path.name} obs[{list(xy_columns)}]"
+        return _finite_centres(xy, path, f"obs{list(xy_columns)}"), f"{path.name} obs[{list(xy_columns)}]"
     if spatial_key not in adata.obsm:
         candidates = _coordinate_columns(adata.obs)
         advice = (f"obs has {candidates}: if they are the centres, name them with --xy-columns X,Y (x = the image "
@@ -78,10 +78,24 @@ def cell_centres(adata, path: Path, spatial_key: str, xy_columns: Sequence[str] 
         raise InvalidSampleError(
             f"{path}: no obsm['{spatial_key}'] with cell centres (obsm keys: {list(adata.obsm.keys())}); {advice}"
         )
-    xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
+    try:
+        xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InvalidSampleError(f"{path}: obsm['{spatial_key}'] must hold numbers, the (x, y) centres, but it cannot "
+                                 f"be read as numbers ({exc}); store them as a float array") from None
     if xy.ndim != 2 or xy.shape[1] < 2:
         raise InvalidSampleError(f"{path}: obsm['{spatial_key}'] must be (n_cells, 2) x, y pixels, got {xy.shape}")
-    return xy[:, :2], f"{path.name} obsm['{spatial_key}']"
+    return _finite_centres(xy[:, :2], path, f"obsm['{spatial_key}']"), f"{path.name} obsm['{spatial_key}']"
+
+
+def _finite_centres(xy: np.ndarray, path: Path, where: str) -> np.ndarray:
+    """``xy``, or InvalidSampleError naming how many centres are NaN or infinite (before any unit or fit check)."""
+    bad = ~np.isfinite(xy).all(axis=1)
+    if bad.any():
+        raise InvalidSampleError(
+            f"{path}: {int(bad.sum())} of {len(xy)} cell centres in {where} are NaN or infinite (e.g. cell "
+            f"{int(np.flatnonzero(bad)[0])}); drop those cells or give their centres")
+    return xy
 
 
 def resolve_coords(coords: Coords, adata, path: Path) -> str:
@@ -97,6 +111,63 @@ def resolve_coords(coords: Coords, adata, path: Path) -> str:
     return "px"
 
 
+def check_raw_counts(values: np.ndarray, where: str, source: str = "X") -> None:
+    """Raise InvalidSampleError unless ``values`` are finite, non-negative whole numbers (raw counts).
+
+    Every path that takes counts (readers, Sample files, references) calls this: log1p or normalised values
+    would otherwise be log-normalised a second time without a word. Rounded CPM cannot be told from counts.
+    """
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+        raise InvalidSampleError(f"{where}: {source} is not numeric ({values.dtype}); raw counts are needed")
+    if np.issubdtype(values.dtype, np.integer) or values.size == 0:
+        if values.size and values.min() < 0:
+            raise InvalidSampleError(f"{where}: {source} holds negative values (min {values.min()}); give raw counts")
+        return
+    flat = values.ravel()
+    finite = np.isfinite(flat)
+    if not finite.all():
+        raise InvalidSampleError(f"{where}: {source} holds {int(flat.size - finite.sum())} NaN or infinite values; "
+                                 "raw counts must be finite whole numbers")
+    if flat.min() < 0:
+        raise InvalidSampleError(f"{where}: {source} holds negative values (min {flat.min()}, e.g. "
+                                 f"{flat[flat < 0][:3].tolist()}); give raw counts")
+    fractional = np.abs(flat - np.round(flat)) > 1e-6
+    if fractional.any():
+        raise InvalidSampleError(
+            f"{where}: {source} does not hold raw counts ({int(fractional.sum())} values are not whole numbers, e.g. "
+            f"{flat[fractional][:3].tolist()}: normalised or log1p values?); raw counts are needed: put them in "
+            f"layers['{Key.COUNTS}'] (gcmoe log-normalises them itself)")
+
+
+def read_reference(path: str | os.PathLike, type_key: str = "cell_type"):
+    """A labelled reference scRNA-seq .h5ad, checked: cells, the cell-type column, raw counts."""
+    import anndata
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidSampleError(f"reference file not found: {path}")
+    try:
+        ref = anndata.read_h5ad(path)
+    except Exception as exc:  # h5py/anndata raise many types for a file that is not an AnnData
+        raise InvalidSampleError(f"reference {path} cannot be read as an AnnData .h5ad ({type(exc).__name__}: {exc})") from None
+    check_reference(ref, str(path), type_key)
+    return ref
+
+
+def check_reference(ref, where: str, type_key: str = "cell_type") -> None:
+    """Raise InvalidSampleError unless ``ref`` has cells, genes, a ``type_key`` column and raw counts."""
+    if ref.n_obs == 0 or ref.n_vars == 0:
+        raise InvalidSampleError(f"reference {where} holds {ref.n_obs} cells x {ref.n_vars} genes; a labelled "
+                                 "reference with cells and genes is needed")
+    if type_key not in ref.obs:
+        raise InvalidSampleError(f"reference {where} has no obs column {type_key!r} with cell types (its obs columns: "
+                                 f"{list(map(str, ref.obs.columns))[:10]}); name the column with prior.type_key")
+    counts = ref.layers[Key.COUNTS] if Key.COUNTS in ref.layers else ref.X
+    source = f"layers['{Key.COUNTS}']" if Key.COUNTS in ref.layers else "X"
+    check_raw_counts(counts.data if sp.issparse(counts) else np.asarray(counts), f"reference {where}", source)
+
+
 def raw_counts(adata, where: str) -> np.ndarray | sp.spmatrix:
     """``layers["counts"]`` or ``X``, checked to be non-negative integer counts (else a clear error)."""
     source = f"layers['{Key.COUNTS}']" if Key.COUNTS in adata.layers else "X"
@@ -105,16 +176,7 @@ def raw_counts(adata, where: str) -> np.ndarray | sp.spmatrix:
         raise InvalidSampleError(f"{where}: no expression matrix (X and layers['counts'] are empty)")
     if not sp.issparse(counts):
         counts = np.asarray(counts)
-    values = counts.data if sp.issparse(counts) else counts
-    if not np.issubdtype(values.dtype, np.number):
-        raise InvalidSampleError(f"{where}: {source} is not numeric ({values.dtype})")
-    sample = values.ravel()[: 2_000_000]
-    if sample.size and (not np.all(np.isfinite(sample)) or sample.min() < 0 or np.any(np.abs(sample - np.round(sample)) > 1e-6)):
-        raise InvalidSampleError(
-            f"{where}: {source} does not hold raw counts (values are negative or not whole numbers, e.g. "
-            f"{sample[np.abs(sample - np.round(sample)) > 1e-6][:3].tolist() or sample[sample < 0][:3].tolist()}); "
-            "raw counts are needed: put them in layers['counts'] (gcmoe log-normalises them itself)"
-        )
+    check_raw_counts(counts.data if sp.issparse(counts) else counts, where, source)
     return counts
 
 
@@ -179,7 +241,13 @@ def read_h5ad(
     sources: dict[str, float | None] = {}
     if mpp is None:
         if UnsKey.MPP in meta:
-            sources[f"{path.name}'s uns['{Key.UNS}']['{UnsKey.MPP}']"] = float(meta[UnsKey.MPP])
+            try:
+                stated_mpp = float(meta[UnsKey.MPP])
+            except (TypeError, ValueError):
+                raise InvalidSampleError(
+                    f"{path}: uns['{Key.UNS}']['{UnsKey.MPP}'] must be the pixel size in micrometres per pixel, got "
+                    f"{meta[UnsKey.MPP]!r}; correct it, or give the pixel size with --mpp") from None
+            sources[f"{path.name}'s uns['{Key.UNS}']['{UnsKey.MPP}']"] = stated_mpp
         stated = image_mpp(image)
         if stated is not None:
             sources[stated[1]] = stated[0]
@@ -189,6 +257,9 @@ def read_h5ad(
     xy = to_pixels(raw, unit, mpp)
     counts = raw_counts(adata, str(path))
     cell_type = None
+    if cell_type_key is None and Key.CELL_TYPE in adata.obs:  # the conventional column: used, and said so
+        cell_type_key = Key.CELL_TYPE
+        log.info("%s: cell types taken from obs['%s'] (--cell-type-key names another column)", path.name, Key.CELL_TYPE)
     if cell_type_key is not None:
         if cell_type_key not in adata.obs:
             raise InvalidSampleError(
