@@ -158,6 +158,7 @@ def qc(
     alignment: AlignmentOpt = None,
     keypoint_units: KeypointUnitsOpt = None,
     segmentation: SegmentationOpt = None,
+    overwrite: OverwriteOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Check a slide's registration and pixel size: cell centres against the nuclei on its H&E (exit 1 on a failure)."""
@@ -167,6 +168,7 @@ def qc(
 
     from gcmoe.data.qc import check_slide
     from gcmoe.data.readers import read_samples
+    from gcmoe.files import output_folder
     from gcmoe.pipeline.qc import write_qc
 
     colour = {"pass": "green", "warn": "yellow", "fail": "red", "skipped": "dim"}
@@ -178,7 +180,8 @@ def qc(
                                segmentation=segmentation or DataConfig.segmentation)
         for sample in samples:
             report = check_slide(sample)
-            written = write_qc(report, sample, out)
+            with output_folder(out, "qc", overwrite):
+                written = write_qc(report, sample, out)
             table = Table(title=f"QC of {sample.sample_id}: [{colour[report.verdict]}]{report.verdict}[/]")
             for column in ("check", "verdict", "value", "what it means"):
                 table.add_column(column)
