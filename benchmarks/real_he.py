@@ -68,8 +68,12 @@ def features_of(encoder, rgb: np.ndarray, xy: np.ndarray, name: str) -> np.ndarr
     from gcmoe.data.sample import Sample
     from gcmoe.features import extract_features
 
+    c = encoder.config
     sample = Sample.from_arrays(np.ones((len(xy), 1)), xy, rgb, 0.5, ["g"], name)
-    return extract_features(sample, FeatureConfig(encoder=encoder.config.name), encoder=encoder, progress=False)
+    # the smallest tile that holds the whole patch and its margins (features do not depend on the tile size)
+    side = -(-(max(rgb.shape[:2]) + 2 * c.margin) // c.align) * c.align
+    tile = min(c.tile_size, -(-side // c.stride) * c.stride)
+    return extract_features(sample, FeatureConfig(encoder=c.name, tile_size=tile), encoder=encoder, progress=False)
 
 
 def reinhard(rgb: np.ndarray, target: np.ndarray) -> np.ndarray:
