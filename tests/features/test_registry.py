@@ -22,7 +22,7 @@ def _config(**overrides) -> EncoderConfig:
 def test_list_encoders_has_morphology_and_filters():
     names = list_encoders()
     assert "morphology" in names and names == sorted(names)
-    assert list_encoders("morph*") == ["morphology"]
+    assert list_encoders("morph*") == ["morphology", "morphology_context"]
     assert list_encoders("nothing*") == []
 
 

@@ -178,7 +178,7 @@ EncoderFactory = Callable[..., Encoder]
 _FactoryT = TypeVar("_FactoryT", bound=EncoderFactory)
 
 _REGISTRY: dict[str, EncoderFactory] = {}
-_BUILTIN_MODULES = ("gcmoe.features.morphology", "gcmoe.features.foundation")
+_BUILTIN_MODULES = ("gcmoe.features.morphology", "gcmoe.features.morphology_context", "gcmoe.features.foundation")
 
 
 def register_encoder(name: str | _FactoryT | None = None) -> Any:
