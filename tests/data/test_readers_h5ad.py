@@ -319,3 +319,16 @@ def test_an_option_the_reader_does_not_use_is_refused(tmp_path, tiny_sample):
         read_sample(path, "auto", xy_columns=["a", "b"])
     # the run settings pass every option at its default: those are dropped quietly
     assert read_sample(path, "auto", coords="auto", xy_columns=None, min_qv=20.0, segmentation="cell").n_cells == 40
+
+
+def test_segmentation_geojson_names_the_features_it_skips(tmp_path, caplog):
+    """Points and empty polygons among cell polygons are skipped, and the log says how many of which kind."""
+    square = [[[0, 0], [4, 0], [4, 4], [0, 4], [0, 0]]]
+    features = [{"type": "Feature", "id": "c1", "geometry": {"type": "Polygon", "coordinates": square}},
+                {"type": "Feature", "id": "p1", "geometry": {"type": "Point", "coordinates": [1, 1]}},
+                {"type": "Feature", "id": "e1", "geometry": {"type": "Polygon", "coordinates": [[]]}}]
+    (tmp_path / "cells.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    with caplog.at_level("WARNING"):
+        polys = read_polygons(tmp_path / "cells.geojson")
+    assert polys.ids == ["c1"]
+    assert "2 features are not cell polygons and were skipped (1 Point, 1 Polygon without a ring)" in caplog.text

@@ -291,19 +291,26 @@ def _read_geojson(path: Path) -> Polygons:
             "segmentation (HEST ships it beside the GeoJSON, with the cell ids)"
         )
     ids, rings, classes = [], [], []
+    skipped: dict[str, int] = {}
     for oid, geom, cls in geojson_objects(features):
-        if geom.get("type") == "Polygon":
+        kind = geom.get("type") if isinstance(geom, dict) else type(geom).__name__
+        if kind == "Polygon":
             parts = [geom["coordinates"]]
-        elif geom.get("type") == "MultiPolygon":
+        elif kind == "MultiPolygon":
             parts = geom["coordinates"]
         else:
+            skipped[str(kind)] = skipped.get(str(kind), 0) + 1
             continue
         exteriors = [np.asarray(p[0], dtype=np.float64)[:, :2] for p in parts if p and len(p[0]) >= 3]
         if not exteriors:
+            skipped[f"{kind} without a ring"] = skipped.get(f"{kind} without a ring", 0) + 1
             continue
         rings.append(max(exteriors, key=lambda r: ring_centroid(r)[1]))
         ids.append(oid)
         classes.append(cls)
+    if skipped:
+        log.warning("%s: %d features are not cell polygons and were skipped (%s)", path.name, sum(skipped.values()),
+                    ", ".join(f"{n} {k}" for k, n in sorted(skipped.items())))
     has_classes = any(c is not None for c in classes)
     return _checked(Polygons(ids, rings, [str(c) for c in classes] if has_classes else None), path)
 
