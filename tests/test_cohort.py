@@ -146,3 +146,24 @@ def test_slide_lists(tmp_path):
         list_slides(tmp_path / "mpp.csv")
     with pytest.raises(InvalidSampleError, match="no file matches"):
         list_slides(str(tmp_path / "*.ndpi"))
+
+
+@pytest.mark.slow
+def test_an_encoder_other_than_the_models_is_refused(cohort, tmp_path):
+    import shutil
+
+    from gcmoe.inference import load_predictor
+
+    folder, _ = cohort
+    card = json.loads((folder / "model.json").read_text())["encoder"]
+    assert card["config_hash"] and card["tile_size"] and "weights_sha256" in card
+    moved = Path(shutil.copytree(folder, tmp_path / "model"))
+    meta = json.loads((moved / "model.json").read_text())
+    meta["encoder"]["config_hash"] = "0123456789abcdef"
+    (moved / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(InvalidSampleError, match="encoder.config_hash: '0123456789abcdef' there"):
+        load_predictor(moved)
+    meta["encoder"]["weights"] = str(tmp_path / "gone.pt")
+    (moved / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(InvalidSampleError, match="gone.pt.*--encoder-weights"):
+        load_predictor(moved)

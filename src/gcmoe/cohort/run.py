@@ -88,6 +88,7 @@ def predict_cohort(
     """Predict every slide of ``jobs`` not yet finished in ``out`` (this shard's, this rank's share), then write
     the cohort table and page. See the module docstring for the files and the sharing."""
     from gcmoe.inference import load_predictor
+    from gcmoe.training.streaming import release_memory
 
     index, count = shard
     if not (isinstance(index, int) and isinstance(count, int) and count >= 1 and 0 <= index < count):
@@ -129,6 +130,7 @@ def predict_cohort(
                 result.failed[job.slide_id] = f"{type(exc).__name__}: {exc}"
             else:
                 result.done.append(job.slide_id)
+            release_memory()  # the slide's arrays are freed: hand the pages back (glibc keeps them fragmented)
             bar.advance(task)
     _barrier(world)
     if rank == 0:
@@ -171,6 +173,10 @@ def _predict_one(predictor, job: SlideJob, folder: Path, fingerprint: dict[str, 
         xy = detect_nuclei(image, mpp, tile=settings.detect_tile, progress=progress, tissue=mask)
         ids = [f"cell_{i}" for i in range(len(xy))]
         source = "detect_nuclei"
+        if len(xy) == 0:
+            raise InvalidSampleError(
+                f"{job.slide}: no nuclei were detected on its {mask.area_mm2:.2f} mm2 of tissue; check the slide (an "
+                "H&E?), or give its cells in the manifest's cells column")
     else:
         xy, ids = centres_on_slide(job.cells, job.coords, image.shape, mpp, job.slide_id)
         qc["cells_off_tissue"] = float((~mask.contains(xy)).mean()) if len(xy) else 0.0
