@@ -60,3 +60,23 @@ def test_thumbnail_from_a_pyramid_level_agrees_with_full_resolution(tmp_path):
     assert from_pyramid.shape == flat.shape and scale == pytest.approx(scale_flat)
     # pyramid levels are subsampled (write_tiff), the flat path averages: same picture, pixel noise apart
     assert np.abs(from_pyramid.astype(int) - flat.astype(int)).mean() < 8
+
+
+def test_openslide_pyramid_levels_are_read_for_the_thumbnail(tmp_path):
+    pytest.importorskip("openslide")
+    import tifffile
+
+    from gcmoe.data.image import OpenSlideImage
+
+    a, _ = _slide(1024, 1536)
+    with tifffile.TiffWriter(tmp_path / "s.tif") as tw:  # a generic tiled TIFF, levels as pages (OpenSlide's layout)
+        for step in (1, 2, 4):
+            tw.write(np.ascontiguousarray(a[::step, ::step]), tile=(256, 256), photometric="rgb",
+                     subfiletype=0 if step == 1 else 1)
+    slide = OpenSlideImage(tmp_path / "s.tif")
+    assert slide.level_shapes == [(1024, 1536), (512, 768), (256, 384)]
+    np.testing.assert_array_equal(slide.read_level(1, 100, 200, 300, 400), a[::2, ::2][100:200, 300:400])
+    thumb, scale = slide_thumbnail(slide, 8)
+    flat, _ = slide_thumbnail(ArrayImage(a), 8)
+    assert thumb.shape == flat.shape == (128, 192, 3) and scale == (8.0, 8.0)
+    assert np.abs(thumb.astype(int) - flat.astype(int)).mean() < 8
