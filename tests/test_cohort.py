@@ -118,7 +118,8 @@ def test_shards_split_the_slides_and_other_settings_are_refused(cohort, tmp_path
     assert [p.name for p in (out / "slides").iterdir()] == ["s1"]
     assert not (out / "slides" / "s1" / "cells.geojson").exists()
     assert list(pd.read_csv(out / "cohort.csv")["slide_id"]) == ["s1"]
-    assert "1 of 3 slides finished" in (out / "index.html").read_text()
+    page = (out / "index.html").read_text()
+    assert "1 of 3 slides finished" in page and "geojson" not in page
     # the same slide at another pixel size is not "finished": refused, naming the difference
     pd.DataFrame({"slide": [str(root / "slides" / "s1.tif")], "mpp": [0.45]}).to_csv(tmp_path / "m.csv", index=False)
     result = _predict(folder, tmp_path / "m.csv", out)

@@ -117,7 +117,8 @@ def write_cohort_html(out: str | os.PathLike, jobs: list[SlideJob]) -> Path:
         link = lambda name: e((folder / name).as_posix())  # noqa: E731
         rows.append(
             f"<tr><td><b>{e(job.slide_id)}</b><br><a href='{link('predicted.h5ad')}'>h5ad</a> "
-            f"<a href='{link('cells.geojson')}'>geojson</a> <a href='{link('tissue_mask.png')}'>mask</a></td>"
+            + (f"<a href='{link('cells.geojson')}'>geojson</a> " if (out / folder / "cells.geojson").is_file() else "")
+            + f"<a href='{link('tissue_mask.png')}'>mask</a></td>"
             f"<td><a href='{link('qc.png')}'><img src='{link('qc.png')}' width=360></a></td>"
             f"<td>{s['n_cells']}</td><td>{types}</td><td>{qc_cell}</td><td>{genes}</td></tr>")
     done = len(summaries)
