@@ -185,12 +185,39 @@ def run_child(model: Path, slides: str, out: Path, kill_after=None) -> dict:
     return {"killed": True}
 
 
+def rss_only(args, name: str, model: Path, slide, sizes: list[int]) -> None:
+    """Peak RSS of one slide per size, each in a fresh process; results rewritten after each size."""
+    rows = []
+    for side in sizes:
+        path = slide(f"rss_{side}", side, 100)
+        run = run_child(model, str(path.parent), Path(args.root) / f"rss_out_{side}")
+        s = run["slides"][0]
+        rows.append({"side": side, "peak_rss_mb": run["peak_rss_mb"], "n_cells": s["n_cells"], "seconds": run["seconds"],
+                     "background_tiles": s["background_tiles"], "background_tiles_read": s["background_tiles_read"],
+                     "detection_tiles_read": s["detection_tiles_read"], "detection_tiles_total": s["detection_tiles_total"]})
+        ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
+        md = [f"# Cohort prediction: peak RSS of one virtual whole slide by size (`gcmoe predict --slides`)", "",
+              f"Command: `python benchmarks/cohort.py --rss-only --rss-sizes {args.rss_sizes}`", "",
+              f"Machine: {os.cpu_count()} CPU cores, **shared** with other jobs while this ran (timings are upper "
+              "bounds); OMP_NUM_THREADS=1. One slide per size at 0.25 um/px, JPEG pyramidal BigTIFF, about 30% "
+              "tissue, nuclei detected on the tissue; each in a fresh process.", "",
+              "| side px | cells | peak RSS MiB | s | detection tiles read | background tiles skipped |",
+              "|---:|---:|---:|---:|---:|---:|"]
+        md += [f"| {r['side']:,} | {r['n_cells']:,} | {r['peak_rss_mb']:.0f} | {r['seconds']:.0f} | "
+               f"{r['detection_tiles_read']} of {r['detection_tiles_total']} | "
+               f"{r['background_tiles'] - r['background_tiles_read']} of {r['background_tiles']} |" for r in rows]
+        md += ["", f"Largest over smallest: {ratio:.2f}x (target <= 1.5x)."]
+        write(name, {"rss": rows, "rss_ratio_largest_smallest": ratio, "sizes_planned": sizes}, "\n".join(md) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=40_000, help="side of the cohort's slides, px")
     ap.add_argument("--slides", type=int, default=4)
     ap.add_argument("--rss-sizes", default="10000,20000,40000")
     ap.add_argument("--quick", action="store_true", help="--size 8000 --rss-sizes 4000,8000,16000")
+    ap.add_argument("--rss-only", action="store_true",
+                    help="only the peak RSS of one slide per --rss-sizes (results written after each size)")
     ap.add_argument("--root", default="/tmp/gcmoe_cohort_bench")
     ap.add_argument("--name", default=None, help="results name (default cohort, or cohort_quick)")
     ap.add_argument("--child-model")
@@ -217,6 +244,8 @@ def main() -> None:
             Path(str(path) + ".json").write_text(json.dumps(facts))
         return path
 
+    if args.rss_only:
+        return rss_only(args, name + "_rss", model, slide, rss_sizes)
     cohort = [slide("cohort", args.size, seed) for seed in range(args.slides)]
     writes = [json.loads(Path(str(p) + ".json").read_text()) for p in cohort]
     # 1 + 2: the whole cohort
