@@ -189,12 +189,19 @@ def rss_only(args, name: str, model: Path, slide, sizes: list[int]) -> None:
     """Peak RSS of one slide per size, each in a fresh process; results rewritten after each size."""
     rows = []
     for side in sizes:
-        path = slide(f"rss_{side}", side, 100)
-        run = run_child(model, str(path.parent), Path(args.root) / f"rss_out_{side}")
-        s = run["slides"][0]
-        rows.append({"side": side, "peak_rss_mb": run["peak_rss_mb"], "n_cells": s["n_cells"], "seconds": run["seconds"],
-                     "background_tiles": s["background_tiles"], "background_tiles_read": s["background_tiles_read"],
-                     "detection_tiles_read": s["detection_tiles_read"], "detection_tiles_total": s["detection_tiles_total"]})
+        kept = Path(args.root) / f"rss_row_{side}.json"  # a size measured by an earlier call is not run again
+        if kept.is_file():
+            rows.append(json.loads(kept.read_text()))
+        else:
+            path = slide(f"rss_{side}", side, 100)
+            run = run_child(model, str(path.parent), Path(args.root) / f"rss_out_{side}")
+            s = run["slides"][0]
+            rows.append({"side": side, "peak_rss_mb": run["peak_rss_mb"], "n_cells": s["n_cells"],
+                         "seconds": run["seconds"], "background_tiles": s["background_tiles"],
+                         "background_tiles_read": s["background_tiles_read"],
+                         "detection_tiles_read": s["detection_tiles_read"],
+                         "detection_tiles_total": s["detection_tiles_total"]})
+            kept.write_text(json.dumps(rows[-1]))
         ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
         md = [f"# Cohort prediction: peak RSS of one virtual whole slide by size (`gcmoe predict --slides`)", "",
               f"Command: `python benchmarks/cohort.py --rss-only --rss-sizes {args.rss_sizes}`", "",
