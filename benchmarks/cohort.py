@@ -213,7 +213,9 @@ def rss_only(args, name: str, model: Path, slide, sizes: list[int]) -> None:
         md += [f"| {r['side']:,} | {r['n_cells']:,} | {r['peak_rss_mb']:.0f} | {r['seconds']:.0f} | "
                f"{r['detection_tiles_read']} of {r['detection_tiles_total']} | "
                f"{r['background_tiles'] - r['background_tiles_read']} of {r['background_tiles']} |" for r in rows]
-        md += ["", f"Largest over smallest: {ratio:.2f}x (target <= 1.5x)."]
+        md += ["", f"Largest over smallest: {ratio:.2f}x (target <= 1.5x).", "",
+               "A size measured by an earlier call with the same --root is reused, not run again "
+               "(ROOT/rss_row_<side>.json)."]
         write(name, {"rss": rows, "rss_ratio_largest_smallest": ratio, "sizes_planned": sizes}, "\n".join(md) + "\n")
 
 
