@@ -28,24 +28,24 @@ def test_tiled_and_untiled_predictions_agree(tmp_path, monkeypatch, model):
     xy = anndata.read_h5ad(tmp_path / "train" / "data" / "virtual_tissue.h5ad").obsm["spatial"]
     pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1]}).to_csv(tmp_path / "cells.csv", index=False)
 
-    original = features.extract_features
+    original = features.extract_features_with_stats
     tiles = {}
 
     def with_tile_size(size):
         def extract(sample, config, **kwargs):
-            result = features.extract_features_with_stats(sample, replace(config, tile_size=size), **kwargs)
+            result = original(sample, replace(config, tile_size=size), **kwargs)
             tiles[size] = result.stats.tiles_run
-            return result.features
+            return result
 
         return extract
 
     preds = {}
     for size in (256, 1024):  # 256: many tiles (96 px of useful stride); 1024: one tile holds the 400 px slide
-        monkeypatch.setattr(features, "extract_features", with_tile_size(size))
+        monkeypatch.setattr(features, "extract_features_with_stats", with_tile_size(size))
         ad = predict_slide(folder, slide, tmp_path / f"p{size}.h5ad", cells=tmp_path / "cells.csv",
                            cache_dir=tmp_path / f"cache{size}", progress=False)
         preds[size] = np.asarray(ad.X)
-    monkeypatch.setattr(features, "extract_features", original)
+    monkeypatch.setattr(features, "extract_features_with_stats", original)
     assert tiles[256] > 4 and tiles[1024] == 1
     # features pass through the float16 cache: predictions agree to that rounding, not bit for bit
     scale = np.abs(preds[1024]).max()

@@ -28,7 +28,7 @@ from gcmoe.cli._app import (
     setup_logging,
 )
 from gcmoe.config import FeatureConfig
-from gcmoe.errors import GcmoeError
+from gcmoe.errors import GcmoeError, InvalidSampleError
 
 
 @app.command()
@@ -142,26 +142,72 @@ def train(
 @app.command("predict")
 def predict_cmd(
     model: Annotated[Path, typer.Option(help="A model folder written by `gcmoe train`.")],
-    slide: Annotated[Path, typer.Option(help="The H&E image: TIFF/BigTIFF/OME-TIFF (pyramidal or not), PNG or JPEG.")],
-    out: Annotated[Path, typer.Option(help="Output .h5ad.")],
-    cells: Annotated[Optional[Path], typer.Option(help="Cell centres: CSV/parquet (x, y px), GeoJSON, HoVer-Net JSON or a label mask.")] = None,
-    detect: Annotated[bool, typer.Option("--detect", help="Find nuclei in the image instead of reading a cell file.")] = False,
+    out: Annotated[Path, typer.Option(help="Output .h5ad (--slide), or output folder (--slides).")],
+    slide: Annotated[Optional[Path], typer.Option(help="One H&E image: TIFF/BigTIFF/OME-TIFF (pyramidal or not), .svs/.ndpi (openslide extra), PNG or JPEG.")] = None,
+    slides: Annotated[Optional[str], typer.Option(help="A cohort: a folder of slides, a quoted glob pattern ('archive/*.svs') or a manifest .csv (columns slide, slide_id, cells, coords, mpp; docs/predict.md).")] = None,
+    cells: Annotated[Optional[Path], typer.Option(help="Cell centres: CSV/parquet (x, y px), GeoJSON, HoVer-Net JSON or a label mask (--slide).")] = None,
+    detect: Annotated[bool, typer.Option("--detect", help="Find nuclei in the image instead of reading a cell file (--slide; a cohort detects them on the tissue of every slide without a cell file).")] = False,
     mpp: Annotated[Optional[float], typer.Option(help="Micrometres per pixel (default: from the TIFF/OME tags; required for PNG/JPEG).")] = None,
     coords: Annotated[str, typer.Option("--coords", help="Unit of the --cells centres: px (pixels of the slide) or um (micrometres, divided by the pixel size).")] = "px",
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder.")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="i/n: predict only the slides i, i+n, i+2n... of the sorted list (0 <= i < n), e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT.")] = None,
+    geojson: Annotated[bool, typer.Option("--geojson/--no-geojson", help="Write each slide's cells as QuPath GeoJSON (--slides).")] = True,
+    encoder_weights: Annotated[Optional[Path], typer.Option(help="Where the encoder weights the model was trained with are now (their SHA-256 must match the model card's).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder (--slide).")] = None,
     device: Annotated[str, typer.Option()] = FeatureConfig.device,
     overwrite: OverwriteOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Predict the expression of every cell of a new slide with a trained model."""
+    """Predict the expression of every cell of a new slide, or of a cohort of whole slides, with a trained model."""
     setup_logging(verbose)
-    from gcmoe.files import check_output_file
-    from gcmoe.inference import predict_slide
-
     try:
-        check_output_file(out, overwrite, "predictions.h5ad")
-        adata = predict_slide(model, slide, out, cells=cells, detect=detect, mpp=mpp, cache_dir=cache_dir, device=device,
-                              coords=coords)
+        if (slide is None) == (slides is None):
+            raise InvalidSampleError("give one slide (--slide FILE) or a cohort (--slides DIR|'GLOB'|manifest.csv)")
+        if slides is None:
+            if shard is not None:
+                raise InvalidSampleError("--shard shares the slides of a cohort: use it with --slides")
+            from gcmoe.files import check_output_file
+            from gcmoe.inference import predict_slide
+
+            check_output_file(out, overwrite, "predictions.h5ad")
+            adata = predict_slide(model, slide, out, cells=cells, detect=detect, mpp=mpp, cache_dir=cache_dir,
+                                  device=device, coords=coords)
+            typer.echo(f"wrote {out}: {adata.n_obs} cells x {adata.n_vars} genes")
+            return
+        if cells is not None or mpp is not None or cache_dir is not None:
+            raise InvalidSampleError(
+                "--cells, --mpp and --cache-dir are per slide: for a cohort, give cell files and pixel sizes in a "
+                "manifest CSV (columns slide, cells, coords, mpp; docs/predict.md)")
+        from gcmoe.cohort import list_slides, predict_cohort
+        from gcmoe.training.distributed import init_from_env, is_main_process
+
+        jobs = list_slides(slides)
+        device = init_from_env(device, timeout_s=COHORT_BARRIER_S)  # under torchrun: join the group
+        result = predict_cohort(model, jobs, out, shard=parse_shard(shard), geojson=geojson, device=device,
+                                encoder_weights=encoder_weights, distributed=True)
     except GcmoeError as exc:
         fail(exc)
-    typer.echo(f"wrote {out}: {adata.n_obs} cells x {adata.n_vars} genes")
+    if is_main_process():
+        typer.echo(f"{len(result.done)} slides predicted, {len(result.skipped)} already finished, "
+                   f"{len(result.failed)} failed; {len(result.others)} left to other shards or processes")
+        if result.table is not None:
+            typer.echo(f"cohort table: {result.table} (and .csv); page: {result.html}")
+    for slide_id, message in result.failed.items():
+        typer.echo(f"failed: {slide_id}: {message}", err=True)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+COHORT_BARRIER_S = 7 * 24 * 3600.0  # ranks wait for each other at the end of a cohort: up to a week
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n); None -> (0, 1)."""
+    if text is None:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise InvalidSampleError(f"--shard {text!r}: give i/n, e.g. 0/4 for the first of four shards") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise InvalidSampleError(f"--shard {text}: give i/n with 0 <= i < n (e.g. 0/4 ... 3/4)")
+    return i, n

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gcmoe.data.image import SlideImage
 from gcmoe.errors import InvalidSampleError
+
+if TYPE_CHECKING:
+    from gcmoe.tissue import TissueMask
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +36,13 @@ def detect_nuclei(
     min_area_um2: float = 3.0,
     tile: int = 2048,
     progress: bool = False,
+    tissue: TissueMask | None = None,
 ) -> np.ndarray:
-    """Centres (n, 2) float64 (x, y) in full-resolution pixels of the nuclei found in ``image``."""
+    """Centres (n, 2) float64 (x, y) in full-resolution pixels of the nuclei found in ``image``.
+
+    With ``tissue`` (:func:`gcmoe.tissue.detect_tissue`), only the tiles that touch tissue are read
+    (:func:`detection_tiles`), the threshold is sampled on tissue, and nuclei off the tissue are dropped.
+    """
     from scipy import ndimage as ndi
     from skimage.color import rgb2hed
     from skimage.feature import peak_local_max
@@ -47,9 +56,9 @@ def detect_nuclei(
     min_distance = max(int(round(min_distance_um / mpp)), 1)
     min_area = max(min_area_um2 / mpp**2, 1.0)
     margin = int(np.ceil(12.0 / mpp))  # larger than a nucleus
-    threshold = threshold_scale * _global_threshold(image, smooth)
+    tiles = detection_tiles(image.shape, tile, tissue)
+    threshold = threshold_scale * _global_threshold(image, smooth, tiles=None if tissue is None else tiles, tile=tile)
     found = []
-    tiles = [(x0, y0) for y0 in range(0, height, tile) for x0 in range(0, width, tile)]
     iterator = tiles
     if progress:
         from rich.progress import track
@@ -79,22 +88,43 @@ def detect_nuclei(
         core = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
         found.append(np.column_stack([xs[core] + x0, ys[core] + y0]))
     centres = np.concatenate(found) if found else np.zeros((0, 2))
+    if tissue is not None and len(centres):
+        centres = centres[tissue.contains(centres)]
     log.info("detected %d nuclei in a %dx%d px image", len(centres), width, height)
     return centres.astype(np.float64)
 
 
-def _global_threshold(image: SlideImage, sigma: float, n_samples: int = 16, size: int = 512) -> float:
-    """Otsu's threshold of the smoothed haematoxylin map, on regions sampled over the whole slide, so every
-    tile uses the same threshold (a tile of pure stroma does not lower it)."""
+def detection_tiles(shape: tuple[int, int], tile: int, tissue: TissueMask | None = None) -> list[tuple[int, int]]:
+    """Origins (x0, y0) of the ``tile``-sided tiles :func:`detect_nuclei` reads: all of them, or with ``tissue``
+    those that touch tissue."""
+    height, width = shape
+    tiles = [(x0, y0) for y0 in range(0, height, tile) for x0 in range(0, width, tile)]
+    if tissue is not None:
+        tiles = [(x0, y0) for x0, y0 in tiles if tissue.covers(x0, y0, x0 + tile, y0 + tile)]
+    return tiles
+
+
+def _global_threshold(image: SlideImage, sigma: float, n_samples: int = 16, size: int = 512,
+                      tiles: list[tuple[int, int]] | None = None, tile: int = 2048) -> float:
+    """Otsu's threshold of the smoothed haematoxylin map, on regions sampled over the whole slide (or within
+    ``tiles``, origins of ``tile``-sided tiles), so every tile uses the same threshold (a tile of pure stroma
+    does not lower it)."""
     from skimage.color import rgb2hed
     from skimage.filters import gaussian, threshold_otsu
 
     height, width = image.shape
     rng = np.random.default_rng(0)
     values = []
+    if tiles is not None and not tiles:
+        return float("inf")  # no tissue: nothing to threshold
     for _ in range(n_samples):
-        x = int(rng.integers(0, max(width - size, 1)))
-        y = int(rng.integers(0, max(height - size, 1)))
+        if tiles is None:
+            x = int(rng.integers(0, max(width - size, 1)))
+            y = int(rng.integers(0, max(height - size, 1)))
+        else:
+            tx, ty = tiles[int(rng.integers(len(tiles)))]
+            x = tx + int(rng.integers(0, max(min(tile, width - tx) - size, 1)))
+            y = ty + int(rng.integers(0, max(min(tile, height - ty) - size, 1)))
         rgb = image.read_region(x, y, min(size, width), min(size, height))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -104,6 +104,7 @@ class TiffImage:
                 "complete and is a TIFF/BigTIFF, PNG or JPEG (.svs/.ndpi/.mrxs through the openslide extra)"
             ) from exc
         self._axes = series.axes
+        self._series = series
         self._compression = _compression_name(series)
         try:
             self._channel_axis = _rgb_channel_axis(self._path, series.axes, tuple(series.shape), series.dtype)
@@ -130,6 +131,27 @@ class TiffImage:
     def compression(self) -> str:
         """The TIFF compression of the full-resolution level (e.g. "LZW", "JPEG", "NONE")."""
         return self._compression
+
+    @property
+    def level_shapes(self) -> list[tuple[int, int]]:
+        """(height, width) of each pyramid level, full resolution first (one entry for a flat TIFF)."""
+        y, x = self._axes.index("Y"), self._axes.index("X")
+        return [(int(level.shape[y]), int(level.shape[x])) for level in self._series.levels]
+
+    def read_level(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels [y0, y1) x [x0, x1) of pyramid ``level`` (inside it) as uint8 (height, width, 3)."""
+        import zarr
+
+        if level == 0:
+            return self._pixels(y0, y1, x0, x1)
+        array = zarr.open(self._series.aszarr(level=level), mode="r")
+        y, x = self._axes.index("Y"), self._axes.index("X")
+        index: list[int | slice] = [0] * len(self._axes)
+        index[y], index[x], index[self._channel_axis] = slice(y0, y1), slice(x0, x1), slice(0, 3)
+        block = np.asarray(array[tuple(index)])
+        kept = sorted((y, x, self._channel_axis))
+        order = [kept.index(y), kept.index(x), kept.index(self._channel_axis)]
+        return block if order == [0, 1, 2] else np.transpose(block, order)
 
     def _pixels(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Pixels [y0, y1) x [x0, x1) as (height, width, 3), whatever the file's axis order."""
@@ -398,6 +420,20 @@ class OpenSlideImage:
             return rgb
 
         return _padded_read(get, self.shape, x, y, width, height)
+
+    @property
+    def level_shapes(self) -> list[tuple[int, int]]:
+        """(height, width) of each pyramid level, full resolution first."""
+        return [(int(h), int(w)) for w, h in self._slide.level_dimensions]
+
+    def read_level(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels [y0, y1) x [x0, x1) of pyramid ``level`` as uint8 (height, width, 3); unscanned areas white."""
+        scale = self._slide.level_downsamples[level]
+        origin = (int(round(x0 * scale)), int(round(y0 * scale)))  # OpenSlide places regions in level-0 pixels
+        rgba = np.asarray(self._slide.read_region(origin, level, (x1 - x0, y1 - y0)))
+        rgb = rgba[..., :3].copy()
+        rgb[rgba[..., 3] == 0] = BACKGROUND
+        return rgb
 
     @property
     def mpp(self) -> float | None:

@@ -58,18 +58,17 @@ _ENCODER_CARDS: dict[tuple, dict[str, Any]] = {}
 
 
 def _encoder_card(name: str, weights: str | None, feature_dim: int, tile_size: int | None = None) -> dict[str, Any]:
-    """What prediction needs to extract the same features: the encoder, its pixel size, tile size and weights
-    (path and SHA-256, so other weights under the same path are refused)."""
-    from gcmoe.files import file_sha256
-
+    """The encoder as the features were made: name, pixel size, weights file and its SHA-256, tile size and the hash
+    of its full config (what ``gcmoe predict`` checks before it trusts an encoder to give the same features)."""
     key = (name, weights, feature_dim, tile_size)
     if key not in _ENCODER_CARDS:  # creating an encoder may load weights: once per run, not once per model
         from gcmoe.features import create_encoder
 
         encoder = create_encoder(name, weights=weights)
-        _ENCODER_CARDS[key] = {"name": name, "target_mpp": encoder.config.target_mpp, "feature_dim": feature_dim,
-                               "tile_size": int(tile_size or encoder.config.tile_size), "weights": weights,
-                               "weights_sha256": file_sha256(weights) if weights else None}
+        config = encoder.config if tile_size is None else encoder.config.with_tile_size(tile_size)
+        _ENCODER_CARDS[key] = {"name": name, "target_mpp": config.target_mpp, "feature_dim": feature_dim,
+                               "weights": weights, "weights_sha256": config.weights_sha256,
+                               "tile_size": config.tile_size, "config_hash": config.hash()}
     return _ENCODER_CARDS[key]
 
 

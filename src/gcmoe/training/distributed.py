@@ -8,6 +8,7 @@ then averages the gradients. Validation and early stopping run identically on ev
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 
@@ -28,10 +29,12 @@ def is_main_process() -> bool:
     return rank_world()[0] == 0
 
 
-def init_from_env(device: str = "cpu") -> str:
+def init_from_env(device: str = "cpu", timeout_s: float | None = None) -> str:
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1); returns the device this rank uses.
 
-    The backend is nccl on CUDA and gloo on the CPU. Outside torchrun this does nothing and returns ``device``.
+    The backend is nccl on CUDA and gloo on the CPU. ``timeout_s`` bounds how long a collective (a barrier)
+    waits for the other ranks (torch's default, 10 to 30 minutes, when None). Outside torchrun this does nothing
+    and returns ``device``.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -39,7 +42,8 @@ def init_from_env(device: str = "cpu") -> str:
     device = local_device(device)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", **kwargs)
     log.info("rank %d of %d on %s", torch.distributed.get_rank(), world, device)
     return device
 
