@@ -3,6 +3,7 @@
 ``run_cv`` is what ``gcmoe cv`` and ``gcmoe demo`` call; ``train_model`` what ``gcmoe train`` calls. The
 modules, in the order a run uses them:
 
+- :mod:`~gcmoe.pipeline.qc`: the slide check of each slide read from files (``OUT/qc/``; a failure stops the run);
 - :mod:`~gcmoe.pipeline.data`: data preparation (slides, reference, pooled cells, routing labels, features,
   neighbours, the cell store when streaming);
 - :mod:`~gcmoe.pipeline.inputs`: input building (a registered model and the cells it reads, from its declared
@@ -16,7 +17,7 @@ A run folder holds:
 - ``results.json``: ``{"datasets": {NAME: {"ceiling", "n_cells", "n_genes_eval", "models": {MODEL: {"folds",
   "mean", "std", ...}}, ...}}, ...}`` (the schema is documented in docs/results.md);
 - ``results.md``: Table 1 (methods), Table 2 (GC-MoE ablations) and per-fold detail; ``per_gene.csv``;
-- ``config.yaml``: the resolved settings; ``log.txt``: the run's log;
+- ``config.yaml``: the resolved settings; ``log.txt``: the run's log; ``qc/``: each slide's check (files only);
 - ``data/``: the virtual tissue and its reference, when the data were generated; ``cache/``: cell features,
   neighbour indices and, with ``train.stream``, the run's cell store (gcmoe.run_store);
 - ``predictions/<fold>.h5ad``: each fold's test cells, measured targets and every model's prediction;
