@@ -92,3 +92,24 @@ def test_mixed_precision_trains():
     idx = np.arange(1200)
     res = fit(create_model("stnet", 6, 4), data, idx[:900], idx[900:], TrainConfig(max_epochs=15, patience=5, amp=True))
     assert res.best_val_pcc > 0.7  # bfloat16 autocast on the CPU; float16 + GradScaler on CUDA
+
+
+def test_fit_restores_the_thread_count_a_library_changed(monkeypatch):
+    """numba (started by scanpy's HVG selection) resets the OpenMP thread count torch shares; fit sets it back."""
+    import torch
+
+    from gcmoe.training.trainer import default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads() == 1
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # what the numba layer does
+        data = _data(n=300)
+        idx = np.arange(300)
+        fit(create_model("stnet", 6, 4), data, idx[:250], idx[250:], TrainConfig(max_epochs=1, patience=1))
+        assert torch.get_num_threads() == 1
+        fit(create_model("stnet", 6, 4), data, idx[:250], idx[250:], TrainConfig(max_epochs=1, num_threads=2))
+        assert torch.get_num_threads() == 2  # an explicit train.num_threads wins
+    finally:
+        torch.set_num_threads(before)

@@ -24,6 +24,7 @@ from gcmoe.cli._app import (
     XyColumnsOpt,
     app,
     fail,
+    run_config_from,
     setup_logging,
     split_names,
 )
@@ -167,17 +168,18 @@ def qc(
     from rich.table import Table
 
     from gcmoe.data.qc import check_slide
-    from gcmoe.data.readers import read_samples
     from gcmoe.files import output_folder
+    from gcmoe.pipeline.data import read_data_samples
     from gcmoe.pipeline.qc import write_qc
 
     colour = {"pass": "green", "warn": "yellow", "fail": "red", "skipped": "dim"}
     console, failed = Console(), []
     try:
-        samples = read_samples([data], fmt or "auto", sample_id, image=image, mpp=mpp, cell_type_key=cell_type_key,
-                               coords=coords or DataConfig.coords, xy_columns=split_names(xy_columns),
-                               alignment=alignment, keypoint_units=keypoint_units or DataConfig.keypoint_units,
-                               segmentation=segmentation or DataConfig.segmentation)
+        # the slide options go through the same settings as `gcmoe cv`, so both read a slide alike
+        settings = run_config_from(None, [data], None, None, fmt=fmt, sample_ids=sample_id, image=image, mpp=mpp,
+                                   cell_type_key=cell_type_key, coords=coords, xy_columns=xy_columns,
+                                   alignment=alignment, keypoint_units=keypoint_units, segmentation=segmentation)
+        samples = read_data_samples(settings.data)
         for sample in samples:
             report = check_slide(sample)
             with output_folder(out, "qc", overwrite):

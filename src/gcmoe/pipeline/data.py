@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from gcmoe._constants import Key
-from gcmoe.config import RunConfig, TargetConfig
+from gcmoe.config import DataConfig, RunConfig, TargetConfig
 from gcmoe.data.sample import Sample
 from gcmoe.errors import ConfigError, InvalidSampleError
 from gcmoe.files import write_h5ad
@@ -54,6 +54,21 @@ class Routing:
     report: dict[str, Any]
 
 
+def read_data_samples(d: DataConfig) -> list[Sample]:
+    """The slides ``d.samples`` names, each read with ``d``'s reader settings; their sample ids must be unique."""
+    if not d.samples:
+        raise ConfigError("data.source is 'samples' but data.samples lists no data path")
+    from gcmoe.data.readers import read_samples
+
+    samples = read_samples(d.samples, d.format, d.sample_ids, image=d.image, mpp=d.mpp,
+                           cell_type_key=d.cell_type_key, min_qv=d.min_qv, coords=d.coords, xy_columns=d.xy_columns,
+                           alignment=d.alignment, keypoint_units=d.keypoint_units, segmentation=d.segmentation)
+    ids = [s.sample_id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise InvalidSampleError(f"sample ids must be unique across the run, got {ids}")
+    return samples
+
+
 def load_samples(config: RunConfig, out: Path) -> tuple[list[Sample], Any, str]:
     """The run's Samples, reference (or None) and data-set name: a generated virtual tissue (written under
     ``out/data``) or the files of ``config.data``."""
@@ -73,17 +88,9 @@ def load_samples(config: RunConfig, out: Path) -> tuple[list[Sample], Any, str]:
             tissue.sample.write(data_dir / f"{tissue.sample.sample_id}.h5ad")
             write_h5ad(tissue.reference, data_dir / "reference.h5ad")
         return [tissue.sample], tissue.reference, config.data.name or tissue.sample.sample_id
-    if not config.data.samples:
-        raise ConfigError("data.source is 'samples' but data.samples lists no data path")
-    from gcmoe.data.readers import read_samples
-
     d = config.data
-    samples = read_samples(d.samples, d.format, d.sample_ids, image=d.image, mpp=d.mpp,
-                           cell_type_key=d.cell_type_key, min_qv=d.min_qv, coords=d.coords, xy_columns=d.xy_columns,
-                           alignment=d.alignment, keypoint_units=d.keypoint_units, segmentation=d.segmentation)
+    samples = read_data_samples(d)
     ids = [s.sample_id for s in samples]
-    if len(set(ids)) != len(ids):
-        raise InvalidSampleError(f"sample ids must be unique across the run, got {ids}")
     if d.qc:
         from gcmoe.pipeline.qc import qc_samples
         from gcmoe.training.distributed import is_main_process
