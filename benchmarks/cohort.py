@@ -203,7 +203,7 @@ def rss_only(args, name: str, model: Path, slide, sizes: list[int]) -> None:
                          "detection_tiles_total": s["detection_tiles_total"]})
             kept.write_text(json.dumps(rows[-1]))
         ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
-        md = [f"# Cohort prediction: peak RSS of one virtual whole slide by size (`gcmoe predict --slides`)", "",
+        md = ["# Cohort prediction: peak RSS of one virtual whole slide by size (`gcmoe predict --slides`)", "",
               f"Command: `python benchmarks/cohort.py --rss-only --rss-sizes {args.rss_sizes}`", "",
               f"Machine: {os.cpu_count()} CPU cores, **shared** with other jobs while this ran (timings are upper "
               "bounds); OMP_NUM_THREADS=1. One slide per size at 0.25 um/px, JPEG pyramidal BigTIFF, about 30% "

@@ -92,7 +92,7 @@ def build_tissue(name: str, data_dir: Path, ghist: Path | None) -> tuple[Path, P
 
 
 def run_tissue(name: str, paths: tuple[Path, Path], seed: int, models: list[str], out: Path,
-               model_params: dict, run: bool = True, patience: int = 20) -> dict | None:
+               model_params: dict, run: bool = True, patience: int = 20, ensemble: int = 1) -> dict | None:
     """`gcmoe cv` runs of ``models`` on a written tissue with trainer seed ``seed``, merged into one results mapping.
 
     GC-MoE runs apart from the other models (``runs/<tissue>/seed<k>/<group>/``), so a change of its settings
@@ -102,7 +102,7 @@ def run_tissue(name: str, paths: tuple[Path, Path], seed: int, models: list[str]
     groups = [[m for m in models if m != "gcmoe"], [m for m in models if m == "gcmoe"]]
     merged: dict = {}
     for group in (g for g in groups if g):
-        results = _run_group(name, paths, seed, group, out, model_params, run, patience)
+        results = _run_group(name, paths, seed, group, out, model_params, run, patience, ensemble)
         if results is None:
             return None
         merged = _merge(merged, results)
@@ -110,7 +110,7 @@ def run_tissue(name: str, paths: tuple[Path, Path], seed: int, models: list[str]
 
 
 def _run_group(name: str, paths: tuple[Path, Path], seed: int, models: list[str], out: Path,
-               model_params: dict, run: bool = True, patience: int = 20) -> dict | None:
+               model_params: dict, run: bool = True, patience: int = 20, ensemble: int = 1) -> dict | None:
     from gcmoe.config import RunConfig
     from gcmoe.pipeline import run_cv
 
@@ -118,9 +118,10 @@ def _run_group(name: str, paths: tuple[Path, Path], seed: int, models: list[str]
     if (run_dir / "results.json").is_file():
         import yaml
 
-        ran_with = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["patience"]
-        if ran_with != patience:
-            raise SystemExit(f"{run_dir} ran with patience {ran_with}, not {patience}: use another --out")
+        train = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
+        ran_with, wanted = (train["patience"], train.get("ensemble", 1)), (patience, ensemble)
+        if ran_with != wanted:
+            raise SystemExit(f"{run_dir} ran with (patience, ensemble) {ran_with}, not {wanted}: use another --out")
         return json.loads((run_dir / "results.json").read_text())
     if not run:
         return None
@@ -132,6 +133,7 @@ def _run_group(name: str, paths: tuple[Path, Path], seed: int, models: list[str]
     config.features.cache_dir = str(out / "cache")
     config.train.seed = seed
     config.train.patience = patience
+    config.train.ensemble = ensemble
     return run_cv(config, progress=False)
 
 
@@ -280,6 +282,8 @@ def main() -> None:
     ap.add_argument("--name", default="suite", help="results file stem under benchmarks/results/")
     ap.add_argument("--patience", type=int, default=20,
                     help="early-stopping patience (the package's default, 50, needs about twice the time)")
+    ap.add_argument("--ensemble", type=int, default=1,
+                    help="train.ensemble: models trained from different seeds and averaged (use another --out)")
     ap.add_argument("--collect", action="store_true",
                     help="run nothing: summarise the finished runs under --out (a seed counts where all models ran)")
     args = ap.parse_args()
@@ -303,7 +307,7 @@ def main() -> None:
     for seed in seeds:  # seed after seed over all tissues, so an interrupted suite has every tissue at least once
         for name, found in paths.items():
             result = run_tissue(name, found, seed, models, out, json.loads(args.model_params), run=not args.collect,
-                                patience=args.patience)
+                                patience=args.patience, ensemble=args.ensemble)
             if result is not None:
                 runs.setdefault(name, {})[seed] = result
                 print(f"{name} seed {seed}: {result['seconds']['total']:.0f} s", flush=True)

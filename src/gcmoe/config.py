@@ -78,6 +78,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # of the training cells, in spatial blocks, for early stopping
     mse_weight: float = 0.0  # weight of an MSE term added to 1 - PCC
     seed: int = 0
+    ensemble: int = 1  # models trained from different seeds and averaged (a seed ensemble; docs/gcmoe.md)
     device: str = "cpu"
     num_threads: int | None = None  # torch CPU threads; None = torch's default
     checkpoint_every: int = 10  # epochs between resumable checkpoints (gcmoe train); 0 = only at the end

@@ -41,7 +41,7 @@ def test_cv_resumes_after_a_crash_with_the_uninterrupted_results(tmp_path, monke
     import json
 
     from gcmoe.pipeline import run_cv
-    from gcmoe.training import trainer
+    from gcmoe.training import ensemble
 
     def cv_config(out):
         cfg = _config(out, "stnet")
@@ -50,7 +50,7 @@ def test_cv_resumes_after_a_crash_with_the_uninterrupted_results(tmp_path, monke
         return cfg
 
     whole = run_cv(cv_config(tmp_path / "whole"), progress=False)
-    real_fit, calls = trainer.fit, {"n": 0}
+    real_fit, calls = ensemble.fit, {"n": 0}  # each (model, fold) goes through fit_ensemble -> fit
 
     def crashing_fit(*args, **kwargs):
         calls["n"] += 1
@@ -58,7 +58,7 @@ def test_cv_resumes_after_a_crash_with_the_uninterrupted_results(tmp_path, monke
             raise KeyboardInterrupt  # the run dies mid-way
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "fit", crashing_fit)
+    monkeypatch.setattr(ensemble, "fit", crashing_fit)
     with pytest.raises(KeyboardInterrupt):
         run_cv(cv_config(tmp_path / "crashed"), progress=False)
     assert len(list((tmp_path / "crashed" / "cv_state").rglob("*.json"))) == 2

@@ -7,21 +7,24 @@ import os
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
 
 from gcmoe.errors import GcmoeError
 
+# the base of the command line's own errors (a bad option value: typer reports it with the usage): click's
+# ClickException, or the copy of it that typer carries from 0.29 on
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 class _Group(TyperGroup):
     """The command group: a GcmoeError anywhere is reported as by :func:`fail`; any other exception as one line
     naming the file that holds its traceback (the traceback itself with ``gcmoe --debug``)."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, typer.Exit, typer.Abort,
-                SystemExit, KeyboardInterrupt):
+        except (_USAGE_ERROR, typer.Exit, typer.Abort, SystemExit, KeyboardInterrupt):
             raise
         except GcmoeError as exc:
             fail(exc)
@@ -112,6 +115,7 @@ KeypointUnitsOpt = Annotated[Optional[str], typer.Option("--keypoint-units", hel
 SegmentationOpt = Annotated[Optional[str], typer.Option("--segmentation", help="HEST: which polygons make the cells: cell or nucleus (10x's, xenium_seg/), cellvit (CellViT's nuclei on the H&E, cellvit_seg/) or none; Visium HD: cell or nucleus (the centres).")]
 NoQcOpt = Annotated[bool, typer.Option("--no-qc", help="Skip the slide check (registration, pixel size: gcmoe qc) that otherwise stops the run on a failure.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Write into --out although gcmoe did not make it (a non-empty folder without gcmoe's manifest, or an existing file), replacing files of the names gcmoe writes; no other file is deleted.")]
+EnsembleOpt = Annotated[Optional[int], typer.Option("--ensemble", min=1, help="Train each model N times from different seeds and average them (a seed ensemble: N times the training time; docs/gcmoe.md). Default: train.ensemble, 1.")]
 StreamOpt = Annotated[bool, typer.Option("--stream", help="Train from an on-disk cell store in shuffled chunks (flat memory; ST-Net* and GC-MoE models): docs/scale.md.")]
 
 
@@ -120,7 +124,7 @@ def run_config_from(config: Path | None, data: list[Path] | None, reference: Pat
                 image: Path | None = None, mpp: float | None = None, cell_type_key: str | None = None,
                 stream: bool = False, coords: str | None = None, xy_columns: str | None = None,
                 alignment: str | None = None, keypoint_units: str | None = None, segmentation: str | None = None,
-                no_qc: bool = False):
+                no_qc: bool = False, ensemble: int | None = None):
     """Settings from the YAML file (or the defaults), overridden by the command-line flags."""
     from gcmoe.config import RunConfig, from_dict, load_config, to_dict
 
@@ -145,6 +149,8 @@ def run_config_from(config: Path | None, data: list[Path] | None, reference: Pat
         run_config.train.stream = True
     if no_qc:
         run_config.data.qc = False
+    if ensemble is not None:
+        run_config.train.ensemble = ensemble
     return run_config
 
 

@@ -11,6 +11,7 @@ from gcmoe.cli._app import (
     AlignmentOpt,
     CellTypeKeyOpt,
     CoordsOpt,
+    EnsembleOpt,
     FormatOpt,
     ImageOpt,
     KeypointUnitsOpt,
@@ -73,6 +74,7 @@ def cv(
     segmentation: SegmentationOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Reuse the finished (model, fold) pairs and training checkpoints in OUT.")] = False,
     stream: StreamOpt = False,
+    ensemble: EnsembleOpt = None,
     no_qc: NoQcOpt = False,
     overwrite: OverwriteOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -86,7 +88,7 @@ def cv(
         run_config = run_config_from(config, data, reference, out, models, fmt=fmt, sample_ids=sample_id, image=image,
                                      mpp=mpp, cell_type_key=cell_type_key, stream=stream, coords=coords,
                                      xy_columns=xy_columns, alignment=alignment, keypoint_units=keypoint_units,
-                                     segmentation=segmentation, no_qc=no_qc)
+                                     segmentation=segmentation, no_qc=no_qc, ensemble=ensemble)
         with output_folder(run_config.out, "cv", overwrite):
             results = run_cv(run_config, resume=resume)
     except GcmoeError as exc:
@@ -113,6 +115,7 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Output folder; the model goes to OUT/model.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUT/checkpoints.")] = False,
     stream: StreamOpt = False,
+    ensemble: EnsembleOpt = None,
     no_qc: NoQcOpt = False,
     overwrite: OverwriteOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -129,7 +132,7 @@ def train(
         run_config = run_config_from(config, data, reference, out, fmt=fmt, sample_ids=sample_id, image=image, mpp=mpp,
                                      cell_type_key=cell_type_key, stream=stream, coords=coords, xy_columns=xy_columns,
                                      alignment=alignment, keypoint_units=keypoint_units, segmentation=segmentation,
-                                     no_qc=no_qc)
+                                     no_qc=no_qc, ensemble=ensemble)
         run_config.train.device = init_from_env(run_config.train.device)  # under torchrun: join the group
         with output_folder(run_config.out, "train", overwrite) if is_main_process() else nullcontext():
             folder = train_model(run_config, model, resume=resume)

@@ -57,6 +57,7 @@ def run_cv(config: RunConfig, progress: bool = True, resume: bool = False) -> di
     from gcmoe.data.splits import make_folds
     from gcmoe.evaluation.metrics import score_genes
     from gcmoe.models.registry import get_model_entry, models_in_table_order
+    from gcmoe.training.ensemble import member_seeds
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,6 +66,7 @@ def run_cv(config: RunConfig, progress: bool = True, resume: bool = False) -> di
         names = models_in_table_order() if config.models == ["all"] else config.models
         entries = [get_model_entry(m) for m in names]  # fail early on an unknown name
         check_streamable(entries, config)
+        member_seeds(config.train)  # a bad train.ensemble fails before the features are made
         inputs = reduce(lambda a, b: a | b, (e.inputs for e in entries), ModelInputs())
         save_config(config, out / "config.yaml")
         started = time.perf_counter()
@@ -151,7 +153,9 @@ def _train_fold(entry: ModelEntry, k: int, fold: Fold, n_folds: int, genes: list
     """
     from gcmoe.config import to_dict
     from gcmoe.training.state import tensor_digest
-    from gcmoe.training.trainer import collect, fit, predict, seed_everything
+    from gcmoe.models import create_model
+    from gcmoe.training.ensemble import fit_ensemble
+    from gcmoe.training.trainer import collect, predict, seed_everything
 
     fold_config = replace(config.train, seed=config.train.seed + k)
     state_path = out / "cv_state" / entry.name / fold.name
@@ -167,10 +171,11 @@ def _train_fold(entry: ModelEntry, k: int, fold: Fold, n_folds: int, genes: list
     seed_everything(config.train.seed + k)
     model, params, data = build_model(entry, run, genes, config, targets_t, prior)
     checkpoints = out / "checkpoints" / entry.name / fold.name
-    res = fit(model, data, run.rows(fold.train), run.rows(fold.val), fold_config, progress=progress,
-              description=f"{entry.display_name} {fold.name} ({k + 1}/{n_folds})",
-              checkpoint_dir=checkpoints, resume=resume,
-              fingerprint={"model": entry.name, "genes": ",".join(genes), "params": fingerprint["params"]})
+    model, res = fit_ensemble(
+        model, lambda: create_model(entry.name, run.pooled.feature_dim, len(genes), **params), data,
+        run.rows(fold.train), run.rows(fold.val), fold_config, progress=progress,
+        description=f"{entry.display_name} {fold.name} ({k + 1}/{n_folds})", checkpoint_dir=checkpoints,
+        resume=resume, fingerprint={"model": entry.name, "genes": ",".join(genes), "params": fingerprint["params"]})
     pred = predict(model, data, run.rows(fold.test))
     pi = None
     if model.routes and run.routing is not None:

@@ -44,6 +44,7 @@ def model_card(entry: ModelEntry, genes: list[str], run: RunData, config: RunCon
         "targets": to_dict(config.targets) | {"genes": list(genes)},
         "training_data": training_data | {"mpp": {s.sample_id: s.mpp for s in run.pooled.samples}},
         "metrics": {"val_pcc": res.best_val_pcc, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run},
+        **({"ensemble": {"members": len(res.members), "each": res.members}} if res.members else {}),
         "gcmoe_version": __version__,
         "created": now(),
     }

@@ -36,10 +36,11 @@ def train_model(config: RunConfig, model_name: str, progress: bool = True, resum
     from gcmoe.data.genes import select_genes
     from gcmoe.data.normalisation import compute_targets
     from gcmoe.data.splits import carve_validation
-    from gcmoe.models import get_model_entry
+    from gcmoe.models import create_model, get_model_entry
     from gcmoe.training.checkpoint import save_model
     from gcmoe.training.distributed import rank_world
-    from gcmoe.training.trainer import fit, seed_everything
+    from gcmoe.training.ensemble import fit_ensemble, member_seeds
+    from gcmoe.training.trainer import seed_everything
 
     out = Path(config.out)
     rank, world = rank_world()
@@ -50,6 +51,7 @@ def train_model(config: RunConfig, model_name: str, progress: bool = True, resum
     try:
         entry = get_model_entry(model_name)
         check_streamable([entry], config)
+        member_seeds(config.train)  # a bad train.ensemble fails before the features are made
         if main:
             save_config(config, out / "config.yaml")
         loaded = encoder = None
@@ -79,9 +81,10 @@ def train_model(config: RunConfig, model_name: str, progress: bool = True, resum
         model, params, data = build_model(entry, run, genes, config, targets_t)
         fingerprint = {"model": entry.name, "params": json.dumps(plain_params(params), sort_keys=True),
                        "genes": ",".join(genes)}
-        res = fit(model, data, run.rows(train_idx), run.rows(val_idx), config.train, progress=progress,
-                  description=entry.display_name,
-                  checkpoint_dir=out / "checkpoints" / entry.name, resume=resume, fingerprint=fingerprint)
+        model, res = fit_ensemble(
+            model, lambda: create_model(entry.name, pooled.feature_dim, len(genes), **params), data, run.rows(train_idx),
+            run.rows(val_idx), config.train, progress=progress, description=entry.display_name,
+            checkpoint_dir=out / "checkpoints" / entry.name, resume=resume, fingerprint=fingerprint)
         training_data = {"samples": sorted(set(pooled.sample_ids)), "n_cells": int(len(all_idx)),
                          "n_train": int(len(train_idx)), "n_val": int(len(val_idx))}
         meta = model_card(entry, genes, run, config, training_data, res)

@@ -114,6 +114,7 @@ def plot_run_gene_vectors(
     type has fewer than 20).
     """
     from gcmoe.plotting._run import RunFolderError, fold_names, read_predictions
+    from gcmoe.models.ensemble import first_member
     from gcmoe.training.checkpoint import load_model
 
     run_dir = Path(run_dir)
@@ -125,6 +126,7 @@ def plot_run_gene_vectors(
         if not folder.is_dir():
             raise RunFolderError(f"{folder} not found: the run did not train {name!r} or was made by an older gcmoe")
         model, meta = load_model(folder)
+        model = first_member(model)  # a seed ensemble: its first member's vectors
         if not hasattr(model, "gene_vectors"):
             raise RunFolderError(f"model {name!r} has no gene-wise vectors: choose GC-MoE variants (gcmoe list models)")
         if genes is not None and list(meta["genes"]) != genes:

@@ -26,6 +26,7 @@ from gcmoe import __version__
 from gcmoe.errors import GcmoeError
 from gcmoe.files import atomic_path, file_sha256, write_text
 from gcmoe.models import create_model, get_model_entry
+from gcmoe.models.ensemble import SeedEnsemble
 
 FORMAT = "gcmoe-model/1"
 
@@ -136,9 +137,11 @@ def load_model(folder: str | os.PathLike, device: str = "cpu") -> tuple[torch.nn
     _check_card(meta, meta_path)
     params = dict(meta["params"]) | {k: torch.zeros(shape) for k, shape in meta.get("tensor_params", {}).items()}
     try:
-        model = create_model(meta["model"], meta["in_dim"], meta["n_genes"], **params)
+        members = [create_model(meta["model"], meta["in_dim"], meta["n_genes"], **params)
+                   for _ in range(ensemble_size(meta))]
     except GcmoeError as exc:
         raise CheckpointError(f"{meta_path}: {exc}") from None
+    model = members[0] if len(members) == 1 else SeedEnsemble(members)
     try:
         state = load_file(str(weights), device="cpu")
         model.load_state_dict(state, strict=True)
@@ -149,6 +152,12 @@ def load_model(folder: str | os.PathLike, device: str = "cpu") -> tuple[torch.nn
             "setting in model.json's params (GC-MoE saved with one C2CA block per expert: \"c2ca_shared\": false), "
             f"or retraining ({exc})") from exc
     return model.to(device).eval(), meta
+
+
+def ensemble_size(meta: dict[str, Any]) -> int:
+    """How many seed-ensemble members a model card describes (1: a single model)."""
+    ensemble = meta.get("ensemble")
+    return 1 if ensemble is None else int(ensemble["members"])
 
 
 def _check_card(meta: dict[str, Any], meta_path: Path) -> None:
@@ -172,6 +181,10 @@ def _check_card(meta: dict[str, Any], meta_path: Path) -> None:
                         f"{len(genes) if isinstance(genes, list) else type(genes).__name__} entries")
     elif genes is not None and len(set(genes)) != len(genes):
         problems.append("'genes' names a gene twice")
+    ensemble = meta.get("ensemble")
+    if ensemble is not None and not (isinstance(ensemble, dict) and isinstance(ensemble.get("members"), int)
+                                     and not isinstance(ensemble["members"], bool) and 1 <= ensemble["members"] <= 1000):
+        problems.append(f"'ensemble' must be a mapping whose 'members' is a whole number from 1 to 1000, got {ensemble!r}")
     if problems:
         raise CheckpointError(f"{meta_path} is not a usable model card: {'; '.join(problems)}; the folder is damaged "
                               "or was edited: use the folder as gcmoe train wrote it, or retrain")
@@ -193,6 +206,7 @@ def card_markdown(meta: dict[str, Any]) -> str:
         f"| target | {meta.get('targets', {})} |",
         f"| training data | {meta.get('training_data', '?')} |",
         f"| validation PCC | {meta.get('metrics', {}).get('val_pcc', '?')} |",
+        f"| seed ensemble | {ensemble_size(meta)} model(s) averaged |",
         "",
         "Load with `gcmoe.training.checkpoint.load_model(folder)`.",
     ]

@@ -47,6 +47,7 @@ class FitResult:
     seconds: float
     train_cells_per_s: float  # training cells processed per second of optimisation (excludes validation)
     history: list[dict[str, float]]
+    members: list[dict[str, float]] | None = None  # a seed ensemble's members (gcmoe.training.ensemble)
 
 
 def run_fingerprint(config: TrainConfig, data: CellSource, train_idx: np.ndarray, val_idx: np.ndarray) -> dict[str, Any]:
