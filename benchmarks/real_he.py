@@ -15,6 +15,11 @@ Per encoder that needs no weights (default: every registered one):
 4. **Speed**: slide megapixels per second of ``extract_features`` on a virtual-tissue slide (in memory),
    ``--threads`` torch threads, median of 3 after a warm-up.
 
+``--stain-norm reinhard`` runs every extraction above (train, test, re-stained test, virtual, speed) with the
+package's per-slide stain normalisation, ``FeatureConfig(stain_norm="reinhard")`` (gcmoe.features.stain):
+each patch's Lab tissue statistics moved to the package's fixed target. The re-staining itself (2.) stays
+this script's own Reinhard transfer (skimage), the perturbation being measured.
+
 Real data from ``../shared/realdata`` (``GCMOE_REALDATA`` overrides); never copied into the repository.
 
 Run: .venv/bin/python benchmarks/real_he.py [--encoders morphology] [--threads 2] [--speed-size 2048]
@@ -63,7 +68,7 @@ def brca_split(root: Path, split: str) -> list[tuple[str, np.ndarray, np.ndarray
     return out
 
 
-def features_of(encoder, rgb: np.ndarray, xy: np.ndarray, name: str) -> np.ndarray:
+def features_of(encoder, rgb: np.ndarray, xy: np.ndarray, name: str, stain_norm: str = "none") -> np.ndarray:
     from gcmoe.config import FeatureConfig
     from gcmoe.data.sample import Sample
     from gcmoe.features import extract_features
@@ -73,7 +78,8 @@ def features_of(encoder, rgb: np.ndarray, xy: np.ndarray, name: str) -> np.ndarr
     # the smallest tile that holds the whole patch and its margins (features do not depend on the tile size)
     side = -(-(max(rgb.shape[:2]) + 2 * c.margin) // c.align) * c.align
     tile = min(c.tile_size, -(-side // c.stride) * c.stride)
-    return extract_features(sample, FeatureConfig(encoder=c.name, tile_size=tile), encoder=encoder, progress=False)
+    return extract_features(sample, FeatureConfig(encoder=c.name, tile_size=tile, stain_norm=stain_norm),
+                            encoder=encoder, progress=False)
 
 
 def lab_stats(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -117,7 +123,7 @@ def probe(train_x, train_y, test_x, test_y):
     return clf, score
 
 
-def virtual_recovery(encoder, seed: int) -> dict:
+def virtual_recovery(encoder, seed: int, stain_norm: str = "none") -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -128,7 +134,8 @@ def virtual_recovery(encoder, seed: int) -> dict:
     from gcmoe.features import extract_features
 
     tissue = simulate_tissue(TissueConfig(seed=seed))
-    feats = extract_features(tissue.sample, FeatureConfig(encoder=encoder.config.name), encoder=encoder, progress=False)
+    feats = extract_features(tissue.sample, FeatureConfig(encoder=encoder.config.name, stain_norm=stain_norm),
+                             encoder=encoder, progress=False)
     y = tissue.sample.adata.obs[Key.CELL_TYPE].astype(str).to_numpy()
     acc = []
     for test in vertical_strips(tissue.sample.spatial[:, 0], 5):
@@ -139,7 +146,7 @@ def virtual_recovery(encoder, seed: int) -> dict:
     return {"cells": int(len(y)), "accuracy": float(np.mean(acc))}
 
 
-def speed(encoder, size: int, seed: int = 0) -> dict:
+def speed(encoder, size: int, seed: int = 0, stain_norm: str = "none") -> dict:
     import torch
 
     from gcmoe.config import FeatureConfig, TissueConfig
@@ -148,7 +155,7 @@ def speed(encoder, size: int, seed: int = 0) -> dict:
 
     n_cells = int(10_000 * (size / 2400) ** 2)
     sample = simulate_tissue(TissueConfig(seed=seed, n_cells=n_cells, height=size, width=size)).sample
-    cfg = FeatureConfig(encoder=encoder.config.name, batch_size=4)
+    cfg = FeatureConfig(encoder=encoder.config.name, batch_size=4, stain_norm=stain_norm)
     with torch.inference_mode():
         encoder(torch.ones(1, 3, encoder.config.tile_size, encoder.config.tile_size))
     runs = sorted(extract_features_with_stats(sample, cfg, encoder=encoder, progress=False).stats.seconds for _ in range(3))
@@ -171,8 +178,8 @@ def main() -> None:
     ap.add_argument("--skip-virtual", action="store_true")
     ap.add_argument("--name", default="real_he", help="results/<name>.{json,md}")
     ap.add_argument("--stain-norm", choices=["none", "reinhard"], default="none",
-                    help="reinhard: every patch (train, test, re-stained test) Reinhard-normalised before encoding "
-                         "to the train split's mean Lab tissue statistics")
+                    help="reinhard: every extraction with the package's per-slide stain normalisation "
+                         "(FeatureConfig(stain_norm='reinhard'))")
     ap.add_argument("--skip-speed", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -184,11 +191,6 @@ def main() -> None:
     train, test = brca_split(root, "train"), brca_split(root, "test")
     targets = {p.name: load_rgb(p) for p in sorted((realdata_dir() / "he_patches").glob("*")) if p.suffix in (".png", ".jpg")}
     restained = {t: [reinhard(rgb, tgt) for _, rgb, _, _ in test] for t, tgt in targets.items()}
-    if args.stain_norm == "reinhard":
-        ref = np.mean([np.stack(lab_stats(rgb)[1:]) for _, rgb, _, _ in train], axis=0)
-        train = [(n, reinhard(rgb, (ref[0], ref[1])), xy, c) for n, rgb, xy, c in train]
-        test = [(n, reinhard(rgb, (ref[0], ref[1])), xy, c) for n, rgb, xy, c in test]
-        restained = {t: [reinhard(img, (ref[0], ref[1])) for img in imgs] for t, imgs in restained.items()}
     y_train = np.concatenate([c for *_, c in train])
     y_test = np.concatenate([c for *_, c in test])
     counts = np.bincount(y_test, minlength=4)[1:]
@@ -196,23 +198,24 @@ def main() -> None:
     for name in names:
         enc = create_encoder(name)
         t0 = time.perf_counter()
-        x_train = np.concatenate([features_of(enc, rgb, xy, n) for n, rgb, xy, _ in train])
-        x_test = np.concatenate([features_of(enc, rgb, xy, n) for n, rgb, xy, _ in test])
+        sn = args.stain_norm
+        x_train = np.concatenate([features_of(enc, rgb, xy, n, sn) for n, rgb, xy, _ in train])
+        x_test = np.concatenate([features_of(enc, rgb, xy, n, sn) for n, rgb, xy, _ in test])
         seconds = time.perf_counter() - t0
         _, score = probe(x_train, y_train, x_test, y_test)
         r = {"feature_dim": enc.config.feature_dim, "version": enc.config.version,
              "brca_test": score(x_test, y_test), "brca_train": score(x_train, y_train),
              "brca_extract_seconds": round(seconds, 2), "restained": {}}
         for t, imgs in restained.items():
-            xs = np.concatenate([features_of(enc, img, xy, n) for img, (n, _, xy, _) in zip(imgs, test)])
+            xs = np.concatenate([features_of(enc, img, xy, n, sn) for img, (n, _, xy, _) in zip(imgs, test)])
             r["restained"][t] = score(xs, y_test)
         for k in ("accuracy", "macro_f1"):
             r[f"restained_mean_{k}"] = float(np.mean([v[k] for v in r["restained"].values()]))
             r[f"restain_drop_{k}"] = r["brca_test"][k] - r[f"restained_mean_{k}"]
         if not args.skip_virtual:
-            r["virtual_4type"] = virtual_recovery(enc, args.seed)
+            r["virtual_4type"] = virtual_recovery(enc, args.seed, sn)
         if not args.skip_speed:
-            r["speed"] = speed(enc, args.speed_size)
+            r["speed"] = speed(enc, args.speed_size, stain_norm=sn)
         results[name] = r
         print(name, r, flush=True)
 
@@ -224,8 +227,8 @@ def main() -> None:
           f"{counts.max() / counts.sum():.3f}). Linear probe: standardised features at the cell dots, class-balanced "
           "logistic regression, train split -> test split. Re-stained: the test patches Reinhard-transferred (Lab "
           f"mean/std) to each of {len(targets)} real H&E targets ({', '.join(targets)}), scored with the classifier "
-          "trained on the original stains; drop = original - mean over targets. Stain normalisation before encoding: "
-          f"{args.stain_norm}. Virtual: 4 routing types, default "
+          "trained on the original stains; drop = original - mean over targets. Stain normalisation before encoding "
+          f"(`FeatureConfig.stain_norm`, every extraction below): {args.stain_norm}. Virtual: 4 routing types, default "
           f"virtual tissue (seed {args.seed}), 5 vertical strips. Speed: `extract_features` on a {args.speed_size} px "
           f"virtual slide in memory, {args.threads} torch threads, median of 3 (the machine was shared with other "
           "jobs: speeds are lower bounds).", "",

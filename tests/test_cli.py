@@ -100,3 +100,11 @@ def test_extract_writes_features(tmp_path):
     assert result.exit_code == 0, result.output
     feats = np.load(out)
     assert feats.shape[0] == 300 and feats.shape[1] > 10 and np.isfinite(feats).all()
+    normalised = tmp_path / "f_reinhard.npy"
+    result = runner.invoke(app, ["extract", str(data / "virtual_tissue.h5ad"), "--out", str(normalised),
+                                 "--cache-dir", str(tmp_path / "cache"), "--stain-norm", "reinhard"])
+    assert result.exit_code == 0, result.output
+    assert np.load(normalised).shape == feats.shape and not np.array_equal(np.load(normalised), feats)
+    result = runner.invoke(app, ["extract", str(data / "virtual_tissue.h5ad"), "--out", str(tmp_path / "x.npy"),
+                                 "--stain-norm", "macenko"])
+    assert result.exit_code != 0 and "stain_norm" in result.output

@@ -136,3 +136,23 @@ def test_cell_file_units_are_checked(tmp_path):
     pd.DataFrame({"x": grid[:, 0] / 0.2125, "y": grid[:, 1] / 0.2125}).to_csv(tmp_path / "px.csv", index=False)
     with pytest.raises(InvalidSampleError, match=r"fit the image when read another way: as pixels \(--coords px\)"):
         centres_on_slide(tmp_path / "px.csv", "um", (1000, 1000), 0.2125, "s")
+
+
+@pytest.mark.slow
+def test_a_model_trained_with_stain_norm_predicts_with_it(tmp_path):
+    """features.stain_norm travels in the model card: prediction normalises the new slide as training did."""
+    from gcmoe.inference import load_predictor
+
+    cfg = RunConfig(out=str(tmp_path / "train"))
+    cfg.data.tissue = TissueConfig(n_cells=400, height=400, width=400, n_genes=60, n_reference_cells=200, seed=3)
+    cfg.train.max_epochs = 1
+    cfg.targets.n_top_genes = 10
+    cfg.features.stain_norm = "reinhard"
+    predictor = load_predictor(train_model(cfg, "stnet", progress=False))
+    assert predictor.meta["encoder"]["stain_norm"] == "reinhard"
+    new = simulate_tissue(TissueConfig(n_cells=300, height=400, width=400, n_genes=60, n_reference_cells=100, seed=8))
+    stats = {}
+    ad = predictor.predict(new.sample.image, 0.5, new.sample.spatial, list(new.sample.adata.obs_names), "new", {},
+                           progress=False, stats=stats)
+    assert stats["stain_norm"] == "reinhard" and len(stats["stain_lab_mean"]) == 3
+    assert ad.uns["gcmoe"]["model"]["encoder"]["stain_norm"] == "reinhard"

@@ -52,6 +52,7 @@ class FeatureConfig:
     batch_size: int = 4  # tiles per encoder pass
     device: str = "cpu"
     cache_dir: str | None = None  # None: <out>/cache
+    stain_norm: Literal["none", "reinhard"] = "none"  # reinhard: each slide's Lab tissue colours moved to a fixed target before encoding
 
 
 @dataclass

@@ -25,7 +25,7 @@ import numpy as np
 
 from gcmoe import __version__
 from gcmoe._constants import Key
-from gcmoe.errors import InvalidSampleError
+from gcmoe.errors import ConfigError, InvalidSampleError
 from gcmoe.files import plain_values, write_h5ad
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class Predictor:
             feats = np.zeros((len(xy), int(meta["in_dim"])), dtype=np.float32)
         else:
             settings = FeatureConfig(encoder=self.encoder.config.name, tile_size=self.encoder.config.tile_size,
-                                     batch_size=batch_size, device=self.device,
+                                     stain_norm=self.encoder.config.stain_norm, batch_size=batch_size, device=self.device,
                                      cache_dir=None if cache_dir is None else str(cache_dir))
             result = features.extract_features_with_stats(sample, settings, encoder=self.encoder, progress=progress)
             feats = result.features
@@ -201,11 +201,15 @@ def load_predictor(model_dir: str | os.PathLike, device: str = "cpu",
 
 
 def model_encoder(meta: dict, model_dir: str | os.PathLike, weights: str | os.PathLike | None = None):
-    """The encoder the model's card names, built as its training features were (name, weights, tile size) and
-    checked against the card: pixel size, feature dimension, the weights file's SHA-256 and the hash of the whole
-    encoder config, where the card records them (models saved before they were recorded are checked on what
-    they have). ``weights`` replaces the card's weights path (the file moved); its hash must still match."""
+    """The encoder the model's card names, built as its training features were (name, weights, tile size, stain
+    normalisation: its config is the run's, :func:`gcmoe.features.extract.run_encoder_config`) and checked
+    against the card: pixel size, feature dimension, the weights file's SHA-256 and the hash of the whole encoder
+    config, where the card records them (models saved before they were recorded are checked on what they have;
+    a card without ``stain_norm`` was made before the setting existed, without normalisation). ``weights``
+    replaces the card's weights path (the file moved); its hash must still match."""
+    from gcmoe.config import FeatureConfig
     from gcmoe.features import create_encoder
+    from gcmoe.features.extract import run_encoder_config
 
     card = meta.get("encoder") or {}
     where = Path(model_dir) / "model.json"
@@ -215,8 +219,13 @@ def model_encoder(meta: dict, model_dir: str | os.PathLike, weights: str | os.Pa
             f"the encoder weights the model was trained with ({path}, {where}) are not found: give their current "
             f"location with --encoder-weights")
     encoder = create_encoder(card["name"], weights=path)
-    if card.get("tile_size") is not None:
-        encoder.config = encoder.config.with_tile_size(int(card["tile_size"]))
+    tile_size = None if card.get("tile_size") is None else int(card["tile_size"])
+    stain_norm = card.get("stain_norm", "none")  # absent from cards written before the setting existed
+    try:
+        encoder.config = run_encoder_config(encoder.config, FeatureConfig(tile_size=tile_size, stain_norm=stain_norm))
+    except ConfigError as exc:
+        raise InvalidSampleError(f"{where}: encoder.stain_norm {stain_norm!r} is not known to this gcmoe ({exc}); "
+                                 "use the gcmoe version that trained the model") from None
     config = encoder.config
     checks = [("target_mpp", config.target_mpp, card.get("target_mpp")),
               ("feature_dim", config.feature_dim, card.get("feature_dim")),

@@ -57,13 +57,14 @@ def build_run_store(cache_dir: Path, samples: list, genes: list[str], counts, ro
     from gcmoe.data.normalisation import compute_targets
     from gcmoe.features import extract_features
     from gcmoe.features.cache import FeatureCache
+    from gcmoe.features.extract import run_encoder_config
     from gcmoe.features.neighbours import cached_window_neighbours
     from gcmoe.training.state import tensor_digest
     from gcmoe.training.streaming import DEFAULT_CHUNK, FORMAT, CellStore, CellStoreWriter, spatial_order
 
     t0 = time.perf_counter()
     f = config.features
-    enc_config = encoder.config if f.tile_size is None else encoder.config.with_tile_size(f.tile_size)
+    enc_config = run_encoder_config(encoder.config, f)
     chunk = int(chunk or DEFAULT_CHUNK)
     n = sum(s.n_cells for s in samples)
     codes = np.full(n, -1, np.int64) if routing_codes is None else np.asarray(routing_codes, np.int64)

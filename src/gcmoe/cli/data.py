@@ -79,6 +79,7 @@ def extract(
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder; finished tiles are saved there as they go, so a rerun resumes. Required under torchrun, on storage every process sees.")] = None,
     batch_size: Annotated[int, typer.Option(help="Tiles per encoder pass.")] = FeatureConfig.batch_size,
     device: Annotated[str, typer.Option()] = FeatureConfig.device,
+    stain_norm: Annotated[str, typer.Option(help="none | reinhard: each slide's Lab tissue colours moved to a fixed target before encoding (docs/features.md).")] = FeatureConfig.stain_norm,
     overwrite: OverwriteOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -96,7 +97,8 @@ def extract(
         check_output_file(out, overwrite, "features.npy")
         device = init_from_env(device)  # under torchrun: join the group; each rank encodes its share of the tiles
         settings = FeatureConfig(encoder=encoder, weights=None if weights is None else str(weights),
-                                 batch_size=batch_size, device=device, cache_dir=None if cache_dir is None else str(cache_dir))
+                                 batch_size=batch_size, device=device, cache_dir=None if cache_dir is None else str(cache_dir),
+                                 stain_norm=stain_norm)
         feats = extract_features(Sample.read(sample), settings, distributed=True, progress=is_main_process())
     except GcmoeError as exc:
         fail(exc)

@@ -9,11 +9,16 @@ tiles already done, and the batches are always cut the same way, so a resumed ru
 of an uninterrupted one. Under ``torchrun`` (``distributed=True``) the ranks share the batches out
 (batch ``k`` to rank ``k % world``), write their parts into the same folder, and rank 0 assembles them into
 the cache entry.
+
+With ``config.stain_norm = "reinhard"`` the slide's Lab tissue statistics are measured once (in small windows
+around its cells, :func:`gcmoe.features.stain.slide_lab_stats`) and every tile is read Reinhard-normalised to
+a fixed target; the setting is part of the cache key (:func:`run_encoder_config`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -28,6 +33,7 @@ from gcmoe.errors import ConfigError, FeatureCacheError
 from gcmoe.features.cache import FeatureCache, to_float16
 from gcmoe.features.partial import PartialExtraction, PartWriter, partial_path
 from gcmoe.features.registry import Encoder, EncoderConfig, create_encoder
+from gcmoe.features.stain import STAIN_NORMS
 from gcmoe.features.tiling import Tile, TileGrid, make_tile_grid
 
 if TYPE_CHECKING:
@@ -36,7 +42,8 @@ if TYPE_CHECKING:
     from gcmoe.data.image import SlideImage
     from gcmoe.data.sample import Sample
 
-__all__ = ["FeatureResult", "FeatureStats", "extract_features", "extract_features_with_stats", "read_tiles"]
+__all__ = ["FeatureResult", "FeatureStats", "extract_features", "extract_features_with_stats", "read_tiles",
+           "run_encoder_config"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +68,11 @@ class FeatureStats:
     seconds
         Wall time of the whole call; ``seconds_read`` is spent reading and resizing tiles (in a
         background thread, mostly hidden behind encoding), ``seconds_encode`` in the encoder and sampling,
-        ``seconds_parts`` writing the partial folder's part files.
+        ``seconds_parts`` writing the partial folder's part files; ``seconds_stain`` measuring the slide's
+        stain statistics (``stain_norm = "reinhard"``; reading normalised tiles counts in ``seconds_read``).
+    stain_norm, stain_lab_mean, stain_lab_std
+        The stain normalisation, and the slide's Lab tissue mean and standard deviation it measured (None
+        when none was measured: no normalisation, a cache hit, or every tile reused).
     """
 
     sample_id: str
@@ -81,6 +92,10 @@ class FeatureStats:
     seconds_read: float = 0.0
     seconds_encode: float = 0.0
     seconds_parts: float = 0.0
+    seconds_stain: float = 0.0
+    stain_norm: str = "none"
+    stain_lab_mean: list[float] | None = None
+    stain_lab_std: list[float] | None = None
     cache_hit: bool = False
     cache_path: str | None = None
 
@@ -137,6 +152,16 @@ def read_tiles(image: SlideImage, grid: TileGrid, tiles: list[Tile]) -> torch.Te
     return out
 
 
+def run_encoder_config(encoder_config: EncoderConfig, config: FeatureConfig) -> EncoderConfig:
+    """The encoder's config as a run with ``config`` uses it: at ``config.tile_size`` (None: the encoder's own)
+    and with ``config.stain_norm``. Its hash keys the feature cache, so every reader of the cache and every
+    model card must derive it here."""
+    out = encoder_config if config.tile_size is None else encoder_config.with_tile_size(config.tile_size)
+    if config.stain_norm not in STAIN_NORMS:
+        raise ConfigError(f"features.stain_norm must be one of {', '.join(STAIN_NORMS)}, got {config.stain_norm!r}")
+    return out if out.stain_norm == config.stain_norm else dataclasses.replace(out, stain_norm=config.stain_norm)
+
+
 def _resolve_encoder(config: FeatureConfig, encoder: Encoder | None) -> Encoder:
     if encoder is None:
         return create_encoder(config.encoder, weights=config.weights)
@@ -184,7 +209,21 @@ def _new_stats(sample: Sample, config: EncoderConfig, grid: TileGrid) -> Feature
         tile_size=grid.tile_size,
         read_size=grid.read_size,
         tiles_total=grid.n_tiles,
+        stain_norm=config.stain_norm,
     )
+
+
+def _slide_image(job: _Job) -> SlideImage:
+    """The slide as the encoder reads it: stain-normalised when the run says so (statistics measured here)."""
+    if job.config.stain_norm == "none":
+        return job.sample.image
+    from gcmoe.features.stain import stain_normalised
+
+    t = time.perf_counter()
+    image = stain_normalised(job.sample.image, job.sample.spatial, job.config.stain_norm, name=job.sample.sample_id)
+    job.stats.seconds_stain = time.perf_counter() - t
+    job.stats.stain_lab_mean, job.stats.stain_lab_std = list(image.stats.mean), list(image.stats.std)
+    return image
 
 
 def _batches(tiles: list[Tile], batch_size: int) -> list[list[Tile]]:
@@ -203,13 +242,16 @@ def _encode_batches(job: _Job, batches: list[tuple[int, list[Tile]]], sink: Batc
     from gcmoe.features.sampling import sample_feature_map
 
     sample, config, grid, device, stats = job.sample, job.config, job.grid, job.device, job.stats
+    if not batches:
+        return
     xy = sample.spatial
+    image = _slide_image(job)
     expected = (config.feature_dim, *job.encoder.output_size(grid.tile_size, grid.tile_size))
     read_seconds = [0.0]
 
     def read(batch: list[Tile]) -> torch.Tensor:
         t = time.perf_counter()
-        pixels = read_tiles(sample.image, grid, batch)
+        pixels = read_tiles(image, grid, batch)
         read_seconds[0] += time.perf_counter() - t
         return pixels
 
@@ -349,7 +391,7 @@ def extract_features_with_stats(sample: Sample, config: FeatureConfig | None = N
             f"through files there; give one, or run a single process"
         )
     model = _resolve_encoder(config, encoder)
-    enc_config = model.config if config.tile_size is None else model.config.with_tile_size(config.tile_size)
+    enc_config = run_encoder_config(model.config, config)
     grid = make_tile_grid(sample.image.shape, sample.mpp, enc_config)
     stats = _new_stats(sample, enc_config, grid)
     job = _Job(sample, model, enc_config, grid, batch_size, config.device, progress and rank == 0, stats)
@@ -395,8 +437,10 @@ def extract_features(sample: Sample, config: FeatureConfig | None = None, *, enc
         The feature settings (:class:`gcmoe.config.FeatureConfig`; default: its defaults): the encoder's name
         and local ``weights``, ``tile_size`` (encoder-input side in pixels at the encoder's mpp, part of the
         cache key; None = the encoder's default), ``batch_size`` (tiles per encoder pass), ``device`` and
-        ``cache_dir``. With a cache folder, features are read from the cache when present (the encoder does
-        not run) and written there otherwise; cached features are float16, so the returned values are then
+        ``cache_dir``, and ``stain_norm`` (``reinhard``: each tile read Reinhard-normalised in Lab to a fixed
+        target with the slide's own statistics, :mod:`gcmoe.features.stain`; part of the cache key). With a
+        cache folder, features are read from the cache when present (the encoder does not run) and written
+        there otherwise; cached features are float16, so the returned values are then
         always float16-rounded. While encoding, finished tiles are saved in a partial folder there, so an
         interrupted run resumes where it stopped.
     encoder

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import torch
 
 from gcmoe.errors import ConfigError, UnknownNameError
+from gcmoe.features.stain import STAIN_NORMS
 from gcmoe.files import file_sha256
 
 __all__ = [
@@ -72,6 +73,10 @@ class EncoderConfig:
         Bumped when the encoder's code changes its output, so old cache entries are not reused.
     weights_sha256
         SHA-256 of the weights file, set by :func:`create_encoder` when one is given.
+    stain_norm
+        The stain normalisation the slide is read through before the encoder (``FeatureConfig.stain_norm``,
+        :mod:`gcmoe.features.stain`): not the encoder's own, set for a run by
+        :func:`gcmoe.features.extract.run_encoder_config`, so that it is part of the cache key.
     """
 
     name: str
@@ -85,9 +90,12 @@ class EncoderConfig:
     std: tuple[float, float, float] | None = None
     version: str = "1"
     weights_sha256: str | None = None
+    stain_norm: str = "none"
 
     def __post_init__(self) -> None:
         where = f"encoder '{self.name}'"
+        if self.stain_norm not in STAIN_NORMS:
+            raise ConfigError(f"{where}: unknown stain_norm {self.stain_norm!r}; choose one of {', '.join(STAIN_NORMS)}")
         for field in ("tile_size", "stride", "feature_dim", "align"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -131,7 +139,10 @@ class EncoderConfig:
 
     def hash(self) -> str:
         """A 16-hex-digit hash of every field; the feature cache key includes it."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        fields = self.to_dict()
+        if fields["stain_norm"] == "none":  # left out, so that entries and model cards made before it stay valid
+            del fields["stain_norm"]
+        text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

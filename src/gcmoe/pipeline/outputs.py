@@ -39,7 +39,7 @@ def model_card(entry: ModelEntry, genes: list[str], run: RunData, config: RunCon
         "genes": list(genes),
         "cell_types": list(run.routing.types) if run.routing is not None else [],
         "encoder": _encoder_card(config.features.encoder, config.features.weights, run.pooled.feature_dim,
-                                 config.features.tile_size),
+                                 config.features.tile_size, config.features.stain_norm),
         "neighbours": to_dict(config.neighbours) if entry.inputs.neighbours else None,
         "targets": to_dict(config.targets) | {"genes": list(genes)},
         "training_data": training_data | {"mpp": {s.sample_id: s.mpp for s in run.pooled.samples}},
@@ -58,18 +58,23 @@ def now() -> str:
 _ENCODER_CARDS: dict[tuple, dict[str, Any]] = {}
 
 
-def _encoder_card(name: str, weights: str | None, feature_dim: int, tile_size: int | None = None) -> dict[str, Any]:
-    """The encoder as the features were made: name, pixel size, weights file and its SHA-256, tile size and the hash
-    of its full config (what ``gcmoe predict`` checks before it trusts an encoder to give the same features)."""
-    key = (name, weights, feature_dim, tile_size)
+def _encoder_card(name: str, weights: str | None, feature_dim: int, tile_size: int | None = None,
+                  stain_norm: str = "none") -> dict[str, Any]:
+    """The encoder as the features were made: name, pixel size, weights file and its SHA-256, tile size, stain
+    normalisation and the hash of its full config (what ``gcmoe predict`` checks before it trusts an encoder to
+    give the same features, and how it rebuilds the feature settings)."""
+    key = (name, weights, feature_dim, tile_size, stain_norm)
     if key not in _ENCODER_CARDS:  # creating an encoder may load weights: once per run, not once per model
+        from gcmoe.config import FeatureConfig
         from gcmoe.features import create_encoder
+        from gcmoe.features.extract import run_encoder_config
 
         encoder = create_encoder(name, weights=weights)
-        config = encoder.config if tile_size is None else encoder.config.with_tile_size(tile_size)
+        config = run_encoder_config(encoder.config, FeatureConfig(tile_size=tile_size, stain_norm=stain_norm))
         _ENCODER_CARDS[key] = {"name": name, "target_mpp": config.target_mpp, "feature_dim": feature_dim,
                                "weights": weights, "weights_sha256": config.weights_sha256,
-                               "tile_size": config.tile_size, "config_hash": config.hash()}
+                               "tile_size": config.tile_size, "stain_norm": config.stain_norm,
+                               "config_hash": config.hash()}
     return _ENCODER_CARDS[key]
 
 
