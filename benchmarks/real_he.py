@@ -5,7 +5,8 @@ Per encoder that needs no weights (default: every registered one):
 1. **Linear probe on real H&E** (BRCA-M2C, Abousamra et al. ICCV 2021, BSD-3; 120 TCGA breast patches at
    ~0.5 um/px with typed cell dots: 1 lymphocyte, 2 tumour/epithelial, 3 stromal). Features at the dots
    (``extract_features``, one Sample per patch), standardised, class-balanced multinomial logistic
-   regression fitted on ``brca_ds_train.txt``, scored on ``brca_ds_test.txt``: accuracy and macro-F1.
+   regression fitted on ``brca_ds_train.txt``, scored on ``brca_ds_test.txt``: accuracy and macro-F1, also
+   split by TCGA tissue source site (the test patches from the train split's sites and from the others).
 2. **Re-staining**: the test patches are re-stained towards each real H&E of ``he_patches/`` by Reinhard
    colour transfer (per-channel mean and standard deviation matched in CIE Lab over the tissue pixels,
    skimage.color), features extracted again and scored with the same classifier (trained on the original
@@ -107,6 +108,11 @@ def reinhard(rgb: np.ndarray, target: np.ndarray | tuple[np.ndarray, np.ndarray]
         return np.clip(np.round(lab2rgb(out) * 255), 0, 255).astype(np.uint8)
 
 
+def tss(name: str) -> str:
+    """The TCGA tissue source site of a patch name ('TCGA-A8-A09E-...' -> 'A8'): the lab the slide came from."""
+    return name.split("-")[1]
+
+
 def probe(train_x, train_y, test_x, test_y):
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
@@ -121,6 +127,18 @@ def probe(train_x, train_y, test_x, test_y):
         return {"accuracy": float((p == y).mean()), "macro_f1": float(f1_score(y, p, average="macro"))}
 
     return clf, score
+
+
+def by_site(clf, x, y, seen: np.ndarray) -> dict:
+    """Accuracy and macro-F1 on the test cells from tissue source sites seen in training and from the others."""
+    from sklearn.metrics import f1_score
+
+    p = clf.predict(x)
+    out = {}
+    for key, m in (("seen_sites", seen), ("unseen_sites", ~seen)):
+        out[key] = {"cells": int(m.sum()), "accuracy": float((p[m] == y[m]).mean()),
+                    "macro_f1": float(f1_score(y[m], p[m], average="macro"))}
+    return out
 
 
 def virtual_recovery(encoder, seed: int, stain_norm: str = "none") -> dict:
@@ -181,6 +199,8 @@ def main() -> None:
                     help="reinhard: every extraction with the package's per-slide stain normalisation "
                          "(FeatureConfig(stain_norm='reinhard'))")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--idle", action="store_true",
+                    help="record that nothing else ran on the machine (otherwise speeds are marked as lower bounds)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = args.encoders.split(",") if args.encoders else [
@@ -194,6 +214,9 @@ def main() -> None:
     y_train = np.concatenate([c for *_, c in train])
     y_test = np.concatenate([c for *_, c in test])
     counts = np.bincount(y_test, minlength=4)[1:]
+    train_sites = sorted({tss(n) for n, *_ in train})
+    test_sites = [tss(n) for n, *_ in test]
+    seen = np.concatenate([np.full(len(c), tss(n) in train_sites) for n, _, _, c in test])
     results = {}
     for name in names:
         enc = create_encoder(name)
@@ -202,9 +225,10 @@ def main() -> None:
         x_train = np.concatenate([features_of(enc, rgb, xy, n, sn) for n, rgb, xy, _ in train])
         x_test = np.concatenate([features_of(enc, rgb, xy, n, sn) for n, rgb, xy, _ in test])
         seconds = time.perf_counter() - t0
-        _, score = probe(x_train, y_train, x_test, y_test)
+        clf, score = probe(x_train, y_train, x_test, y_test)
         r = {"feature_dim": enc.config.feature_dim, "version": enc.config.version,
              "brca_test": score(x_test, y_test), "brca_train": score(x_train, y_train),
+             "brca_test_by_site": by_site(clf, x_test, y_test, seen),
              "brca_extract_seconds": round(seconds, 2), "restained": {}}
         for t, imgs in restained.items():
             xs = np.concatenate([features_of(enc, img, xy, n, sn) for img, (n, _, xy, _) in zip(imgs, test)])
@@ -230,8 +254,9 @@ def main() -> None:
           "trained on the original stains; drop = original - mean over targets. Stain normalisation before encoding "
           f"(`FeatureConfig.stain_norm`, every extraction below): {args.stain_norm}. Virtual: 4 routing types, default "
           f"virtual tissue (seed {args.seed}), 5 vertical strips. Speed: `extract_features` on a {args.speed_size} px "
-          f"virtual slide in memory, {args.threads} torch threads, median of 3 (the machine was shared with other "
-          "jobs: speeds are lower bounds).", "",
+          f"virtual slide in memory, {args.threads} torch threads, median of 3 " + (
+              "(nothing else ran on the machine)." if args.idle else
+              "(the machine was shared with other jobs: speeds are lower bounds)."), "",
           "| encoder | dim | test accuracy | test macro-F1 | re-stained accuracy | re-stained macro-F1 | macro-F1 drop "
           "| virtual 4-type | slide MP/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
@@ -244,10 +269,21 @@ def main() -> None:
     for name, r in results.items():
         md.append(f"| `{name}` | " + " | ".join(
             f"{r['restained'][t]['accuracy']:.3f} / {r['restained'][t]['macro_f1']:.3f}" for t in targets) + " |")
+    n_seen = sum(t in train_sites for t in test_sites)
+    md += ["", f"By tissue source site (TCGA site code, the lab a slide came from): the train split's patches come from "
+           f"{len(train_sites)} sites ({', '.join(train_sites)}); {n_seen} test patches share them, "
+           f"{len(test) - n_seen} come from {len(set(test_sites) - set(train_sites))} other sites. Test accuracy / "
+           "macro-F1 on each part:", "", "| encoder | seen sites | unseen sites |", "|---|---:|---:|"]
+    for name, r in results.items():
+        b = r["brca_test_by_site"]
+        md.append(f"| `{name}` | " + " | ".join(
+            f"{b[k]['accuracy']:.3f} / {b[k]['macro_f1']:.3f} ({b[k]['cells']:,} cells)"
+            for k in ("seen_sites", "unseen_sites")) + " |")
     payload = {"data": {"train_patches": len(train), "test_patches": len(test), "train_cells": int(len(y_train)),
                         "test_cells": int(len(y_test)), "test_class_counts": dict(zip(CLASSES.values(), counts.tolist())),
-                        "restain_targets": list(targets)},
-               "threads": args.threads, "stain_norm": args.stain_norm, "shared_machine": True, "encoders": results}
+                        "restain_targets": list(targets), "train_sites": train_sites,
+                        "test_sites": sorted(set(test_sites))},
+               "threads": args.threads, "stain_norm": args.stain_norm, "shared_machine": not args.idle, "encoders": results}
     write(args.name, payload, "\n".join(md) + "\n")
 
 
