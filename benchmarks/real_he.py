@@ -16,6 +16,11 @@ Per encoder that needs no weights (default: every registered one):
 4. **Speed**: slide megapixels per second of ``extract_features`` on a virtual-tissue slide (in memory),
    ``--threads`` torch threads, median of 3 after a warm-up.
 
+``--random-weights`` builds encoders that need a weights file (``timm:<model>``, e.g. ``--encoders
+timm:resnet18``; run in ``.venv-encoders``, ``make test-encoders`` builds it) from a file of the architecture's
+own random initialisation (``timm.create_model(pretrained=False)``, seeded with ``--seed``), written to a
+temporary folder: an untrained network as a sanity floor, not a foundation model.
+
 ``--stain-norm reinhard`` runs every extraction above (train, test, re-stained test, virtual, speed) with the
 package's per-slide stain normalisation, ``FeatureConfig(stain_norm="reinhard")`` (gcmoe.features.stain):
 each patch's Lab tissue statistics moved to the package's fixed target. The re-staining itself (2.) stays
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -182,6 +188,25 @@ def speed(encoder, size: int, seed: int = 0, stain_norm: str = "none") -> dict:
             "slide_megapixels_per_s": round(mp / runs[1], 2)}
 
 
+def random_weights_encoder(name: str, seed: int, folder: Path):
+    """Encoder ``name`` (``timm:<model>``) loaded from a file of its architecture's seeded random initialisation."""
+    import torch
+    from safetensors.torch import save_file
+
+    from gcmoe.features import create_encoder
+
+    family, _, model_name = name.partition(":")
+    if family != "timm" or not model_name:
+        sys.exit(f"--random-weights builds timm:<model> encoders only, not {name!r}")
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    path = folder / f"{model_name}-random-seed{seed}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return create_encoder(name, weights=path)
+
+
 def main() -> None:
     import torch
 
@@ -199,6 +224,8 @@ def main() -> None:
                     help="reinhard: every extraction with the package's per-slide stain normalisation "
                          "(FeatureConfig(stain_norm='reinhard'))")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="timm:<model> encoders from their own seeded random initialisation (a sanity floor)")
     ap.add_argument("--idle", action="store_true",
                     help="record that nothing else ran on the machine (otherwise speeds are marked as lower bounds)")
     args = ap.parse_args()
@@ -218,8 +245,13 @@ def main() -> None:
     test_sites = [tss(n) for n, *_ in test]
     seen = np.concatenate([np.full(len(c), tss(n) in train_sites) for n, _, _, c in test])
     results = {}
+    tmp = tempfile.TemporaryDirectory(prefix="gcmoe-real-he-")
     for name in names:
-        enc = create_encoder(name)
+        key = name
+        if requires_weights(name) and args.random_weights:
+            enc, key = random_weights_encoder(name, args.seed, Path(tmp.name)), f"{name} (random init)"
+        else:
+            enc = create_encoder(name)
         t0 = time.perf_counter()
         sn = args.stain_norm
         x_train = np.concatenate([features_of(enc, rgb, xy, n, sn) for n, rgb, xy, _ in train])
@@ -240,8 +272,9 @@ def main() -> None:
             r["virtual_4type"] = virtual_recovery(enc, args.seed, sn)
         if not args.skip_speed:
             r["speed"] = speed(enc, args.speed_size, stain_norm=sn)
-        results[name] = r
-        print(name, r, flush=True)
+        results[key] = r
+        print(key, r, flush=True)
+    tmp.cleanup()
 
     cmd = "python benchmarks/real_he.py " + " ".join(sys.argv[1:])
     md = ["# Encoders on real H&E (BRCA-M2C) and the virtual tissue", "",
