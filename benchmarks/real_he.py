@@ -195,11 +195,9 @@ def random_weights_encoder(name: str, seed: int, folder: Path):
 
     from gcmoe.features import create_encoder
 
-    family, _, model_name = name.partition(":")
-    if family != "timm" or not model_name:
-        sys.exit(f"--random-weights builds timm:<model> encoders only, not {name!r}")
     import timm
 
+    model_name = name.partition(":")[2]
     torch.manual_seed(seed)
     model = timm.create_model(model_name, pretrained=False, num_classes=0)
     path = folder / f"{model_name}-random-seed{seed}.safetensors"
@@ -232,6 +230,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     names = args.encoders.split(",") if args.encoders else [
         n for n in list_encoders() if not n.endswith(":*") and not requires_weights(n)]
+    needs_weights = [n for n in names if requires_weights(n)]
+    if needs_weights:  # say so before the minutes of data loading, not after
+        if not args.random_weights:
+            sys.exit(f"{', '.join(needs_weights)} need a weights file: add --random-weights for the sanity floor")
+        if any(not n.startswith("timm:") or n == "timm:" for n in needs_weights):
+            sys.exit(f"--random-weights builds timm:<model> encoders only, not {', '.join(needs_weights)}")
+        try:
+            import timm  # noqa: F401
+        except ImportError:
+            sys.exit("--random-weights needs timm: run this in .venv-encoders (make test-encoders builds it)")
     root = realdata_dir() / "brca_m2c"
     if not root.is_dir():
         sys.exit(f"BRCA-M2C not found at {root} (set GCMOE_REALDATA)")
@@ -248,7 +256,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="gcmoe-real-he-")
     for name in names:
         key = name
-        if requires_weights(name) and args.random_weights:
+        if name in needs_weights:
             enc, key = random_weights_encoder(name, args.seed, Path(tmp.name)), f"{name} (random init)"
         else:
             enc = create_encoder(name)
