@@ -60,11 +60,13 @@ def test_gcmoe_without_reference_is_explained(tmp_path, tiny_sample):
 @pytest.mark.slow
 def test_cv_with_the_baselines(tmp_path):
     models = ["stnet", "histogene", "bleep", "triplex"]
-    res = run_cv(_config(tmp_path, models), progress=False)
+    cfg = _config(tmp_path, models)
+    cfg.cv.n_folds = 2  # the wiring of each baseline through cv; 5 strips are tested with GC-MoE above
+    res = run_cv(cfg, progress=False)
     d = res["datasets"]["virtual_tissue"]
     assert list(d["models"]) == ["ST-Net*", "HisToGene*", "BLEEP*", "TRIPLEX*"]
     for entry in d["models"].values():
-        assert len(entry["folds"]) == 5 and np.isfinite(entry["mean"])
+        assert len(entry["folds"]) == 2 and np.isfinite(entry["mean"])
     md = (tmp_path / "results.md").read_text()
     assert all(f"| {name} |" in md for name in d["models"])
 

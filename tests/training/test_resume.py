@@ -144,9 +144,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     def run(ckpt: Path, out: Path, pause: float) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, str(script), str(ckpt), str(out), str(pause)], env=env)
 
-    subprocess.run([sys.executable, str(script), str(tmp_path / "ref_ckpt"), str(tmp_path / "ref.safetensors"), "0"],
-                   env=env, check=True, timeout=300)
-
+    reference = run(tmp_path / "ref_ckpt", tmp_path / "ref.safetensors", 0)  # alongside: one thread each
     proc = run(tmp_path / "ckpt", tmp_path / "killed.safetensors", 0.1)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -161,7 +159,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert not (tmp_path / "killed.safetensors").exists()
 
     resumed = run(tmp_path / "ckpt", tmp_path / "resumed.safetensors", 0)
-    assert resumed.wait(timeout=300) == 0
+    assert resumed.wait(timeout=300) == 0 and reference.wait(timeout=300) == 0
     ref, got = load_file(str(tmp_path / "ref.safetensors")), load_file(str(tmp_path / "resumed.safetensors"))
     assert ref.keys() == got.keys()
     for k in ref:

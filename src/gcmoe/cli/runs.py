@@ -50,9 +50,10 @@ def demo(
     except GcmoeError as exc:
         fail(exc)
     print_table(results, out)
+    from gcmoe.pipeline.demo import QUICK_REPORT_CELLS
     from gcmoe.report import write_report
 
-    typer.echo(f"report: {write_report(out)}")
+    typer.echo(f"report: {write_report(out, max_cells=QUICK_REPORT_CELLS) if quick else write_report(out)}")
 
 
 @app.command()
