@@ -19,7 +19,11 @@ Per encoder that needs no weights (default: every registered one):
 ``--random-weights`` builds encoders that need a weights file (``timm:<model>``, e.g. ``--encoders
 timm:resnet18``; run in ``.venv-encoders``, ``make test-encoders`` builds it) from a file of the architecture's
 own random initialisation (``timm.create_model(pretrained=False)``, seeded with ``--seed``), written to a
-temporary folder: an untrained network as a sanity floor, not a foundation model.
+temporary folder: an untrained network as a sanity floor, not a foundation model. ``--weights FILE`` builds the
+one encoder named in ``--encoders`` that needs weights (``uni``, ``conch``, ``timm:<model>``, ...) from a local
+file the user holds, as ``create_encoder(name, weights=FILE)`` does in the package: the measurement of a real
+foundation model (``--encoders uni --weights pytorch_model.bin``; timm and open_clip encoders in
+``.venv-encoders``).
 
 ``--stain-norm reinhard`` runs every extraction above (train, test, re-stained test, virtual, speed) with the
 package's per-slide stain normalisation, ``FeatureConfig(stain_norm="reinhard")`` (gcmoe.features.stain):
@@ -29,6 +33,7 @@ this script's own Reinhard transfer (skimage), the perturbation being measured.
 Real data from ``../shared/realdata`` (``GCMOE_REALDATA`` overrides); never copied into the repository.
 
 Run: .venv/bin/python benchmarks/real_he.py [--encoders morphology] [--threads 2] [--speed-size 2048]
+     .venv-encoders/bin/python benchmarks/real_he.py --encoders uni --weights /path/to/uni/pytorch_model.bin
 """
 
 from __future__ import annotations
@@ -75,7 +80,8 @@ def brca_split(root: Path, split: str) -> list[tuple[str, np.ndarray, np.ndarray
     return out
 
 
-def features_of(encoder, rgb: np.ndarray, xy: np.ndarray, name: str, stain_norm: str = "none") -> np.ndarray:
+def features_of(encoder, rgb: np.ndarray, xy: np.ndarray, name: str, stain_norm: str = "none",
+                device: str = "cpu") -> np.ndarray:
     from gcmoe.config import FeatureConfig
     from gcmoe.data.sample import Sample
     from gcmoe.features import extract_features
@@ -85,7 +91,7 @@ def features_of(encoder, rgb: np.ndarray, xy: np.ndarray, name: str, stain_norm:
     # the smallest tile that holds the whole patch and its margins (features do not depend on the tile size)
     side = -(-(max(rgb.shape[:2]) + 2 * c.margin) // c.align) * c.align
     tile = min(c.tile_size, -(-side // c.stride) * c.stride)
-    return extract_features(sample, FeatureConfig(encoder=c.name, tile_size=tile, stain_norm=stain_norm),
+    return extract_features(sample, FeatureConfig(encoder=c.name, tile_size=tile, stain_norm=stain_norm, device=device),
                             encoder=encoder, progress=False)
 
 
@@ -147,7 +153,7 @@ def by_site(clf, x, y, seen: np.ndarray) -> dict:
     return out
 
 
-def virtual_recovery(encoder, seed: int, stain_norm: str = "none") -> dict:
+def virtual_recovery(encoder, seed: int, stain_norm: str = "none", device: str = "cpu") -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -158,7 +164,7 @@ def virtual_recovery(encoder, seed: int, stain_norm: str = "none") -> dict:
     from gcmoe.features import extract_features
 
     tissue = simulate_tissue(TissueConfig(seed=seed))
-    feats = extract_features(tissue.sample, FeatureConfig(encoder=encoder.config.name, stain_norm=stain_norm),
+    feats = extract_features(tissue.sample, FeatureConfig(encoder=encoder.config.name, stain_norm=stain_norm, device=device),
                              encoder=encoder, progress=False)
     y = tissue.sample.adata.obs[Key.CELL_TYPE].astype(str).to_numpy()
     acc = []
@@ -170,7 +176,7 @@ def virtual_recovery(encoder, seed: int, stain_norm: str = "none") -> dict:
     return {"cells": int(len(y)), "accuracy": float(np.mean(acc))}
 
 
-def speed(encoder, size: int, seed: int = 0, stain_norm: str = "none") -> dict:
+def speed(encoder, size: int, seed: int = 0, stain_norm: str = "none", device: str = "cpu") -> dict:
     import torch
 
     from gcmoe.config import FeatureConfig, TissueConfig
@@ -179,9 +185,9 @@ def speed(encoder, size: int, seed: int = 0, stain_norm: str = "none") -> dict:
 
     n_cells = int(10_000 * (size / 2400) ** 2)
     sample = simulate_tissue(TissueConfig(seed=seed, n_cells=n_cells, height=size, width=size)).sample
-    cfg = FeatureConfig(encoder=encoder.config.name, batch_size=4, stain_norm=stain_norm)
+    cfg = FeatureConfig(encoder=encoder.config.name, batch_size=4, stain_norm=stain_norm, device=device)
     with torch.inference_mode():
-        encoder(torch.ones(1, 3, encoder.config.tile_size, encoder.config.tile_size))
+        encoder.to(device)(torch.ones(1, 3, encoder.config.tile_size, encoder.config.tile_size, device=device))
     runs = sorted(extract_features_with_stats(sample, cfg, encoder=encoder, progress=False).stats.seconds for _ in range(3))
     mp = size * size / 1e6
     return {"slide_megapixels": round(mp, 2), "seconds": [round(s, 3) for s in runs],
@@ -208,6 +214,7 @@ def random_weights_encoder(name: str, seed: int, folder: Path):
 def main() -> None:
     import torch
 
+    from gcmoe.errors import GcmoeError
     from gcmoe.features import create_encoder, list_encoders
     from gcmoe.features.registry import requires_weights
 
@@ -224,6 +231,9 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--random-weights", action="store_true",
                     help="timm:<model> encoders from their own seeded random initialisation (a sanity floor)")
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="a local weights file for the one encoder of --encoders that needs weights (e.g. uni)")
+    ap.add_argument("--device", default="cpu", help="where the encoder runs (FeatureConfig.device), e.g. cuda")
     ap.add_argument("--idle", action="store_true",
                     help="record that nothing else ran on the machine (otherwise speeds are marked as lower bounds)")
     args = ap.parse_args()
@@ -231,9 +241,16 @@ def main() -> None:
     names = args.encoders.split(",") if args.encoders else [
         n for n in list_encoders() if not n.endswith(":*") and not requires_weights(n)]
     needs_weights = [n for n in names if requires_weights(n)]
-    if needs_weights:  # say so before the minutes of data loading, not after
+    if args.weights is not None:  # say so before the minutes of data loading, not after
+        if args.random_weights or len(needs_weights) != 1:
+            sys.exit("--weights goes with exactly one encoder that needs weights in --encoders (e.g. --encoders "
+                     f"uni --weights FILE), without --random-weights; got {needs_weights or 'none'}")
+        if not args.weights.is_file():
+            sys.exit(f"--weights: no such file: {args.weights}")
+    elif needs_weights:
         if not args.random_weights:
-            sys.exit(f"{', '.join(needs_weights)} need a weights file: add --random-weights for the sanity floor")
+            sys.exit(f"{', '.join(needs_weights)} need a weights file: --weights FILE (a local file you hold), "
+                     "or --random-weights for the sanity floor")
         if any(not n.startswith("timm:") or n == "timm:" for n in needs_weights):
             sys.exit(f"--random-weights builds timm:<model> encoders only, not {', '.join(needs_weights)}")
         try:
@@ -243,6 +260,18 @@ def main() -> None:
     root = realdata_dir() / "brca_m2c"
     if not root.is_dir():
         sys.exit(f"BRCA-M2C not found at {root} (set GCMOE_REALDATA)")
+    # built before the minutes of data loading, so that a missing extra or a wrong weights file stops at once
+    encoders, tmp = {}, tempfile.TemporaryDirectory(prefix="gcmoe-real-he-")
+    for name in names:
+        try:
+            if name in needs_weights and args.weights is not None:
+                encoders[f"{name} ({args.weights.name})"] = create_encoder(name, weights=args.weights)
+            elif name in needs_weights:
+                encoders[f"{name} (random init)"] = random_weights_encoder(name, args.seed, Path(tmp.name))
+            else:
+                encoders[name] = create_encoder(name)
+        except GcmoeError as exc:  # a missing extra, a weights file of another model: what to do, not a traceback
+            sys.exit(str(exc))
     train, test = brca_split(root, "train"), brca_split(root, "test")
     targets = {p.name: load_rgb(p) for p in sorted((realdata_dir() / "he_patches").glob("*")) if p.suffix in (".png", ".jpg")}
     restained = {t: [reinhard(rgb, tgt) for _, rgb, _, _ in test] for t, tgt in targets.items()}
@@ -253,17 +282,11 @@ def main() -> None:
     test_sites = [tss(n) for n, *_ in test]
     seen = np.concatenate([np.full(len(c), tss(n) in train_sites) for n, _, _, c in test])
     results = {}
-    tmp = tempfile.TemporaryDirectory(prefix="gcmoe-real-he-")
-    for name in names:
-        key = name
-        if name in needs_weights:
-            enc, key = random_weights_encoder(name, args.seed, Path(tmp.name)), f"{name} (random init)"
-        else:
-            enc = create_encoder(name)
+    for key, enc in encoders.items():
         t0 = time.perf_counter()
-        sn = args.stain_norm
-        x_train = np.concatenate([features_of(enc, rgb, xy, n, sn) for n, rgb, xy, _ in train])
-        x_test = np.concatenate([features_of(enc, rgb, xy, n, sn) for n, rgb, xy, _ in test])
+        sn, dev = args.stain_norm, args.device
+        x_train = np.concatenate([features_of(enc, rgb, xy, n, sn, dev) for n, rgb, xy, _ in train])
+        x_test = np.concatenate([features_of(enc, rgb, xy, n, sn, dev) for n, rgb, xy, _ in test])
         seconds = time.perf_counter() - t0
         clf, score = probe(x_train, y_train, x_test, y_test)
         r = {"feature_dim": enc.config.feature_dim, "version": enc.config.version,
@@ -271,15 +294,15 @@ def main() -> None:
              "brca_test_by_site": by_site(clf, x_test, y_test, seen),
              "brca_extract_seconds": round(seconds, 2), "restained": {}}
         for t, imgs in restained.items():
-            xs = np.concatenate([features_of(enc, img, xy, n, sn) for img, (n, _, xy, _) in zip(imgs, test)])
+            xs = np.concatenate([features_of(enc, img, xy, n, sn, dev) for img, (n, _, xy, _) in zip(imgs, test)])
             r["restained"][t] = score(xs, y_test)
         for k in ("accuracy", "macro_f1"):
             r[f"restained_mean_{k}"] = float(np.mean([v[k] for v in r["restained"].values()]))
             r[f"restain_drop_{k}"] = r["brca_test"][k] - r[f"restained_mean_{k}"]
         if not args.skip_virtual:
-            r["virtual_4type"] = virtual_recovery(enc, args.seed, sn)
+            r["virtual_4type"] = virtual_recovery(enc, args.seed, sn, dev)
         if not args.skip_speed:
-            r["speed"] = speed(enc, args.speed_size, stain_norm=sn)
+            r["speed"] = speed(enc, args.speed_size, stain_norm=sn, device=dev)
         results[key] = r
         print(key, r, flush=True)
     tmp.cleanup()
@@ -295,7 +318,8 @@ def main() -> None:
           "trained on the original stains; drop = original - mean over targets. Stain normalisation before encoding "
           f"(`FeatureConfig.stain_norm`, every extraction below): {args.stain_norm}. Virtual: 4 routing types, default "
           f"virtual tissue (seed {args.seed}), 5 vertical strips. Speed: `extract_features` on a {args.speed_size} px "
-          f"virtual slide in memory, {args.threads} torch threads, median of 3 " + (
+          f"virtual slide in memory, {args.threads} torch threads"
+          f"{'' if args.device == 'cpu' else ', encoder on ' + args.device}, median of 3 " + (
               "(nothing else ran on the machine)." if args.idle else
               "(the machine was shared with other jobs: speeds are lower bounds)."), "",
           "| encoder | dim | test accuracy | test macro-F1 | re-stained accuracy | re-stained macro-F1 | macro-F1 drop "
@@ -324,7 +348,7 @@ def main() -> None:
                         "test_cells": int(len(y_test)), "test_class_counts": dict(zip(CLASSES.values(), counts.tolist())),
                         "restain_targets": list(targets), "train_sites": train_sites,
                         "test_sites": sorted(set(test_sites))},
-               "threads": args.threads, "stain_norm": args.stain_norm, "shared_machine": not args.idle, "encoders": results}
+               "threads": args.threads, "device": args.device, "stain_norm": args.stain_norm, "shared_machine": not args.idle, "encoders": results}
     write(args.name, payload, "\n".join(md) + "\n")
 
 
