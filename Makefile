@@ -24,8 +24,8 @@ demo: $(STAMP)
 	$(BIN)/gcmoe demo $(ARGS)
 
 # The suite runs on PYTEST_WORKERS processes (pytest-xdist), each with one torch thread: most tests are small,
-# where a second thread buys nothing, so 2 workers take about 6 min on 2 cores against 11 min for 1 process with
-# 2 threads. PYTEST_WORKERS=0 runs it in this process (torch's own thread count), e.g. with a debugger.
+# where a second thread buys nothing, so 2 workers take 4.5-5 min on 2 cores against 11 min for 1 process with
+# 2 threads (measured). PYTEST_WORKERS=0 runs it in this process (torch's own thread count), e.g. with a debugger.
 PYTEST_WORKERS ?= 2
 
 test: $(STAMP)
