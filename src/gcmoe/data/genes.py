@@ -27,6 +27,12 @@ def select_genes(
 
     genes = [str(g) for g in genes]
     if config.genes is not None:
+        if not config.genes:
+            raise InvalidSampleError("targets.genes is an empty list: name the genes to predict, or leave it out "
+                                     "to use the top highly variable genes (targets.n_top_genes)")
+        repeated = sorted({g for g in config.genes if list(config.genes).count(g) > 1})
+        if repeated:
+            raise InvalidSampleError(f"targets.genes names {repeated[:10]} more than once: list each gene once")
         missing = [g for g in config.genes if g not in set(genes)]
         if missing:
             raise InvalidSampleError(
@@ -34,6 +40,8 @@ def select_genes(
                 f"the data hold {len(genes)} genes, e.g. {genes[:10]}"
             )
         return list(config.genes)
+    if config.n_top_genes < 1:
+        raise InvalidSampleError(f"targets.n_top_genes must be at least 1, got {config.n_top_genes}")
     if config.n_top_genes >= len(genes):
         warnings.warn(
             f"n_top_genes={config.n_top_genes} >= the {len(genes)} genes in the data: evaluating all of them",
@@ -45,6 +53,9 @@ def select_genes(
     # sparse all the way: a dense copy of the training cells x genes would grow with the data (GBs at 2M cells)
     ad = anndata.AnnData(X=sparse_targets(sp.csr_matrix(sub), hvg_targets))
     ad.var_names = genes
+    if not (ad.X.max(axis=0).toarray().ravel() > ad.X.min(axis=0).toarray().ravel()).any():
+        raise InvalidSampleError(f"no gene varies across the {len(cells)} training cells (every gene has the same "
+                                 "count in every cell): check that the expression matrix holds the real counts")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sc.pp.highly_variable_genes(ad, n_top_genes=config.n_top_genes, flavor=config.hvg_flavor)

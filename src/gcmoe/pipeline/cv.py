@@ -58,6 +58,7 @@ def run_cv(config: RunConfig, progress: bool = True, resume: bool = False) -> di
     from gcmoe.evaluation.metrics import score_genes
     from gcmoe.models.registry import get_model_entry, models_in_table_order
     from gcmoe.training.ensemble import member_seeds
+    from gcmoe.training.trainer import check_train_config
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,6 +68,7 @@ def run_cv(config: RunConfig, progress: bool = True, resume: bool = False) -> di
         entries = [get_model_entry(m) for m in names]  # fail early on an unknown name
         check_streamable(entries, config)
         member_seeds(config.train)  # a bad train.ensemble fails before the features are made
+        check_train_config(config.train)  # so do a batch size of 0, a negative lr, a missing GPU
         inputs = reduce(lambda a, b: a | b, (e.inputs for e in entries), ModelInputs())
         save_config(config, out / "config.yaml")
         started = time.perf_counter()

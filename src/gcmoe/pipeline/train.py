@@ -40,6 +40,7 @@ def train_model(config: RunConfig, model_name: str, progress: bool = True, resum
     from gcmoe.training.checkpoint import save_model
     from gcmoe.training.distributed import rank_world
     from gcmoe.training.ensemble import fit_ensemble, member_seeds
+    from gcmoe.training.trainer import check_train_config
     from gcmoe.training.trainer import seed_everything
 
     out = Path(config.out)
@@ -52,6 +53,7 @@ def train_model(config: RunConfig, model_name: str, progress: bool = True, resum
         entry = get_model_entry(model_name)
         check_streamable([entry], config)
         member_seeds(config.train)  # a bad train.ensemble fails before the features are made
+        check_train_config(config.train)  # so do a batch size of 0, a negative lr, a missing GPU
         if main:
             save_config(config, out / "config.yaml")
         loaded = encoder = None

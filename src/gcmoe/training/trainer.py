@@ -114,6 +114,26 @@ def default_threads() -> int:
         return _START_THREADS
 
 
+def check_train_config(config: TrainConfig) -> None:
+    """Refuse training settings that cannot train (ConfigError naming the setting), before any work."""
+    import math
+
+    for name in ("batch_size", "max_epochs", "patience"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"train.{name} must be at least 1, got {getattr(config, name)}")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise ConfigError(f"train.lr must be a positive number, got {config.lr}")
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        raise ConfigError(f"train.weight_decay must be a number >= 0, got {config.weight_decay}")
+    try:
+        device = torch.device(config.device)
+    except RuntimeError as exc:
+        raise ConfigError(f"train.device {config.device!r} is not a torch device (cpu, cuda, cuda:0, ...): {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {config.device!r} but this torch sees no CUDA device "
+                          f"(torch {torch.__version__}); use device: cpu or a CUDA build of torch on a GPU machine")
+
+
 def fit(
     model: CellModel,
     data: CellSource,
@@ -137,6 +157,7 @@ def fit(
         raise TrainingError(f"{description}: training needs at least 2 training and 2 validation cells, got "
                             f"{len(train_idx)} and {len(val_idx)}; give a slide with more cells (or a larger "
                             "train.val_fraction when the validation cells are too few)")
+    check_train_config(config)
     torch.set_num_threads(config.num_threads or default_threads())
     seed_everything(config.seed)
     device = torch.device(config.device)
