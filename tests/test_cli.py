@@ -48,7 +48,8 @@ def test_demo_quick_end_to_end(tmp_path):
     assert d["models"]["ST-Net*"]["mean"] < d["ceiling"]
     md = (out / "results.md").read_text()
     assert "| ST-Net* |" in md and "*ceiling*" in md and "Table 2" in md
-    for name in ("config.yaml", "log.txt", "per_gene.csv", "data/virtual_tissue.h5ad", "data/reference.h5ad", "report.html"):
+    for name in ("config.yaml", "log.txt", "per_gene.csv", "data/virtual_tissue.h5ad", "data/reference.h5ad",
+                 "report.html"):
         assert (out / name).is_file(), name
 
 
